@@ -1,0 +1,241 @@
+"""MME2E and sparse MME2E (Dai et al., NAACL 2021) for person identification.
+
+Imports only torch. Inputs are the padded batch of engine/features.py; see
+docs/ARCHITECTURE.md for the contract:
+
+    faces (B, F, 3, 48, 48)     face_mask  (B, F) bool
+    audio (B, C, 1, 128, 32)    audio_mask (B, C) bool
+    text  (B, L) int64          text_mask  (B, L) bool
+
+A modality is present for a sample when its mask has any True. Absent
+modalities (and padded frames) are zeroed at the input, their logits are
+zero and they get no weight in the late fusion, so whatever values they hold
+cannot change the prediction. CNNs run over all B*F frames, padding included
+(in training, padded frames therefore enter the dense BatchNorm statistics;
+the sparse layers exclude them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from engine.dims import N_MODALITIES, ModelDims
+from engine.sparse import SparseStage
+from engine.text import TextEncoder, TransformerLayer
+
+MODALITIES = ("text", "audio", "visual")  # order of modality_logits and present
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B, P) fused
+    modality_logits: Tensor  # (B, 3, P) text, audio, visual; zero where absent
+    present: Tensor  # (B, 3) bool
+    embedding: Tensor  # (B, E) [text CLS, audio CLS, visual CLS], zero where absent
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def low_level_cnn(dims: ModelDims, in_channels: int) -> nn.Sequential:
+    """Stem conv + 2x2 max-pool, then low_convs 3x3 convs: dense in both models."""
+    layers = [conv_bn_relu(in_channels, dims.stem_channels, dims.stem_kernel), nn.MaxPool2d(2)]
+    layers += [conv_bn_relu(dims.stem_channels, dims.stem_channels, 3) for _ in range(dims.low_convs)]
+    return nn.Sequential(*layers)
+
+
+def dense_stages(dims: ModelDims) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    cin = dims.stem_channels
+    for cout in dims.stage_channels:
+        layers += [conv_bn_relu(cin if i == 0 else cout, cout, 3) for i in range(dims.convs_per_stage)]
+        layers.append(nn.MaxPool2d(2))
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+class SequenceEncoder(nn.Module):
+    """Projection of per-frame CNN features, then a transformer over the frames of an
+    utterance with a learned CLS token; returns the CLS output (no positions, as in
+    the reference code)."""
+
+    def __init__(self, dims: ModelDims, flat_size: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(flat_size, dims.proj_hidden), nn.ReLU(), nn.Linear(dims.proj_hidden, dims.trans_dim))
+        self.cls = nn.Parameter(torch.randn(dims.trans_dim) * 0.02)
+        self.layers = nn.ModuleList(
+            TransformerLayer(dims.trans_dim, dims.trans_heads, dims.trans_ff, dims.dropout, "relu", 1e-5)
+            for _ in range(dims.trans_layers)
+        )
+
+    def forward(self, feats: Tensor, mask: Tensor) -> Tensor:
+        """feats (B, F, flat), mask (B, F) bool -> (B, trans_dim)."""
+        B, F, _ = feats.shape
+        x = self.proj(feats)  # (B, F, D)
+        x = torch.cat([self.cls.expand(B, 1, -1).type(x.dtype), x], dim=1)  # (B, 1+F, D)
+        keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1+F): CLS always attendable
+        for layer in self.layers:
+            x = layer(x, keep)
+        return x[:, 0]
+
+
+class _MME2EBase(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.dims = dims
+        self.text = TextEncoder(dims)
+        self.audio_seq = SequenceEncoder(dims, dims.flat_size("audio"))
+        self.visual_seq = SequenceEncoder(dims, dims.flat_size("visual"))
+        self.text_out = nn.Linear(dims.text_hidden, dims.n_persons)
+        self.audio_out = nn.Linear(dims.trans_dim, dims.n_persons)
+        self.visual_out = nn.Linear(dims.trans_dim, dims.n_persons)
+        self.fusion = nn.Parameter(torch.zeros(N_MODALITIES))  # softmax over present modalities
+
+    def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
+        """x (N, Cin, H, W), mask (N,), guide (N, text_hidden) -> (N, flat)."""
+        raise NotImplementedError
+
+    def encode(self, modality: str, x: Tensor, mask: Tensor, text_cls: Tensor) -> Tensor:
+        """x (B, F, Cin, H, W), mask (B, F) -> (B, trans_dim)."""
+        x, mask = _at_least_one_frame(x, mask)
+        B, F = mask.shape
+        x = torch.where(mask[:, :, None, None, None], x, torch.zeros_like(x))  # padding/absent -> zeros
+        guide = text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1)  # (B*F, G)
+        feats = self.frame_features(modality, x.reshape(B * F, *x.shape[2:]), mask.reshape(B * F), guide)
+        seq = self.audio_seq if modality == "audio" else self.visual_seq
+        return seq(feats.reshape(B, F, -1), mask)
+
+    def text_guide(self, text_cls: Tensor, text_present: Tensor) -> Tensor:
+        return text_cls
+
+    def forward(self, faces: Tensor, face_mask: Tensor, audio: Tensor, audio_mask: Tensor,
+                text: Tensor, text_mask: Tensor) -> ModelOutput:
+        d = self.dims
+        assert faces.shape[2:] == (3, d.face_size, d.face_size), f"faces: expected (B, F, 3, {d.face_size}, {d.face_size}), got {tuple(faces.shape)}"
+        assert audio.shape[2:] == (1, d.n_mels, d.chunk_frames), f"audio: expected (B, C, 1, {d.n_mels}, {d.chunk_frames}), got {tuple(audio.shape)}"
+        text, text_mask = _at_least_one_token(text, text_mask)
+        present = torch.stack([text_mask.any(1), audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
+        text_cls = self.text(text, text_mask)  # (B, Ht)
+        guide = self.text_guide(text_cls, present[:, 0])  # (B, Ht)
+        audio_cls = self.encode("audio", audio, audio_mask, guide)  # (B, D)
+        visual_cls = self.encode("visual", faces, face_mask, guide)  # (B, D)
+        per_modality = torch.stack([self.text_out(text_cls), self.audio_out(audio_cls), self.visual_out(visual_cls)], dim=1)
+        per_modality = torch.where(present[:, :, None], per_modality, torch.zeros_like(per_modality))  # (B, 3, P)
+        weights = self.fusion.float().expand(present.shape[0], -1)  # (B, 3)
+        weights = torch.where(present.any(1, keepdim=True), weights.masked_fill(~present, float("-inf")), weights)
+        logits = (weights.softmax(dim=-1)[:, :, None].type(per_modality.dtype) * per_modality).sum(1)  # (B, P)
+        parts = [text_cls, audio_cls, visual_cls]
+        embedding = torch.cat([torch.where(present[:, i, None], p, torch.zeros_like(p)) for i, p in enumerate(parts)], dim=1)
+        return ModelOutput(logits, per_modality, present, embedding)
+
+
+class MME2E(_MME2EBase):
+    """Dense MME2E: VGG-style CNNs per frame, transformers over frames, text CLS,
+    per-modality heads and learned weighted late fusion."""
+
+    def __init__(self, dims: ModelDims):
+        super().__init__(dims)
+        self.visual_cnn = nn.Sequential(low_level_cnn(dims, 3), dense_stages(dims))
+        self.audio_cnn = nn.Sequential(low_level_cnn(dims, 1), dense_stages(dims))
+
+    def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
+        cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
+        return cnn(x).flatten(1)  # (N, flat)
+
+
+class SparseCNN(nn.Module):
+    """Dense low-level CNN, then one text-guided SparseStage per entry of stage_channels."""
+
+    def __init__(self, dims: ModelDims, in_channels: int):
+        super().__init__()
+        self.low = low_level_cnn(dims, in_channels)
+        cins = (dims.stem_channels,) + dims.stage_channels[:-1]
+        self.stages = nn.ModuleList(
+            SparseStage(cin, cout, dims.convs_per_stage, dims.text_hidden) for cin, cout in zip(cins, dims.stage_channels)
+        )
+
+    def forward(self, x: Tensor, mask: Tensor, guide: Tensor, threshold: float,
+                budget: Sequence[float] | None) -> tuple[Tensor, Tensor]:
+        """x (N, Cin, H, W), mask (N,) real frames, guide (N, G) ->
+        (features (N, flat), kept sites per frame and stage (N, n_stages))."""
+        x = self.low(x)  # (N, C0, H/2, W/2)
+        active = mask[:, None, None].expand(-1, x.shape[2], x.shape[3])  # (N, H/2, W/2)
+        kept = []
+        for i, stage in enumerate(self.stages):
+            x, active, count = stage(x, active, guide, threshold, None if budget is None else budget[i])
+            kept.append(count)
+        return x.flatten(1), torch.stack(kept, dim=1)
+
+
+class MME2ESparse(_MME2EBase):
+    """Sparse MME2E: after the dense low-level layers, sites of each stage are chosen by
+    text-guided cross-modal attention (CDF rule, or a fixed budget for export) and the
+    stage's convolutions run on those sites only.
+
+    ``last_active_fractions`` holds, after each eager forward, {"audio", "visual"} ->
+    (n_stages,) tensor: kept sites / positions of each stage's input grid, averaged
+    over real frames. ``set_sparse_budget`` switches between CDF and fixed budget.
+    """
+
+    def __init__(self, dims: ModelDims):
+        super().__init__(dims)
+        self.visual_cnn = SparseCNN(dims, 3)
+        self.audio_cnn = SparseCNN(dims, 1)
+        self.null_guide = nn.Parameter(torch.zeros(dims.text_hidden))  # query when the text is absent
+        self.sparse_budget: tuple[float, ...] | None = tuple(dims.sparse_budget) or None
+        self.last_active_fractions: dict[str, Tensor] = {}
+
+    def set_sparse_budget(self, budget: Sequence[float] | None) -> None:
+        """None: CDF rule (the paper). A fraction per stage: fixed top-k sites per frame."""
+        if budget is not None:
+            budget = tuple(float(b) for b in budget)
+            if len(budget) != len(self.dims.stage_channels) or not all(0 < b <= 1 for b in budget):
+                raise ValueError(f"sparse budget {budget}: expected {len(self.dims.stage_channels)} fractions in (0, 1]")
+        self.sparse_budget = budget
+
+    def sparse_grids(self, modality: str) -> list[tuple[int, int, int, int]]:
+        """(H, W, Cin, Cout) of each sparse stage's input grid (for FLOPs counting)."""
+        cins = (self.dims.stem_channels,) + self.dims.stage_channels[:-1]
+        grids = self.dims.grids(modality)[:-1]
+        return [(h, w, cin, cout) for (h, w), cin, cout in zip(grids, cins, self.dims.stage_channels)]
+
+    def text_guide(self, text_cls: Tensor, text_present: Tensor) -> Tensor:
+        return torch.where(text_present[:, None], text_cls, self.null_guide.type(text_cls.dtype))
+
+    def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
+        cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
+        feats, kept = cnn(x, mask, guide, self.dims.sparse_threshold, self.sparse_budget)
+        if not torch.compiler.is_compiling():
+            positions = torch.tensor([h * w for h, w, _, _ in self.sparse_grids(modality)], device=kept.device)
+            frames = mask.float().sum().clamp(min=1.0)
+            self.last_active_fractions[modality] = ((kept / positions) * mask[:, None]).sum(0).detach() / frames
+        return feats
+
+
+def build_model(dims: ModelDims, text_weights_dir: str | Path | None = None) -> MME2E | MME2ESparse:
+    """The model named by ``dims``, with pretrained text weights when a folder is given."""
+    model = MME2ESparse(dims) if dims.name == "mme2e_sparse" else MME2E(dims)
+    if text_weights_dir is not None:
+        from engine.text_weights import load_text_weights
+
+        load_text_weights(model.text, text_weights_dir, dims)
+    return model
+
+
+def _at_least_one_frame(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """An empty frame axis (F == 0) becomes one padded frame."""
+    if x.shape[1] == 0:
+        x = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+        mask = mask.new_zeros(mask.shape[0], 1)
+    return x, mask
+
+
+def _at_least_one_token(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    if text.shape[1] == 0:
+        text = text.new_zeros(text.shape[0], 1)
+        mask = mask.new_zeros(mask.shape[0], 1)
+    return text, mask

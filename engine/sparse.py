@@ -1,0 +1,209 @@
+"""Sparse layers of MME2ESparse, in plain torch (CPU, CUDA, autograd, torch.export).
+
+A sparse feature map is kept as ``rows`` (K, C), one row per active site, plus a
+``Sites`` record of where each row sits on an (N, H, W) grid. A submanifold 3x3
+convolution scatters the rows into a zero-padded flat map, gathers the 9
+neighbours of every active site by index arithmetic and does one
+(K, 9*Cin) @ (9*Cin, Cout) matmul: outputs only at active sites, inputs only
+from active sites (inactive sites read as zero).
+
+Two ways to choose sites (``select_sites``):
+- CDF rule (the paper): per frame, sort attention descending and keep the
+  smallest set whose mass reaches ``threshold``; K varies (uses nonzero).
+- fixed budget: top-k per frame with a fixed k; K = N * k is static, which is
+  what graph export needs. A chosen site that is not a candidate is carried
+  as an invalid row (zero, excluded from BatchNorm statistics and pooling).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Sites:
+    """Active sites on an (N, H, W) grid: ``flat`` (K,) indices into N*H*W and
+    ``valid`` (K,) bool (all True in CDF mode)."""
+
+    flat: Tensor
+    valid: Tensor
+    n: int
+    h: int
+    w: int
+
+    def padded_index(self) -> Tensor:
+        """(K,) indices into the flattened zero-padded (N, H+2, W+2) grid."""
+        hw = self.h * self.w
+        frame, rest = self.flat // hw, self.flat % hw
+        y, x = rest // self.w, rest % self.w
+        return frame * ((self.h + 2) * (self.w + 2)) + (y + 1) * (self.w + 2) + (x + 1)
+
+    def per_frame(self) -> Tensor:
+        """(N,) number of valid sites of each frame."""
+        counts = torch.zeros(self.n, dtype=torch.float32, device=self.flat.device)
+        return counts.index_add(0, self.flat // (self.h * self.w), self.valid.float())
+
+
+def cdf_keep(probs: Tensor, threshold: float) -> Tensor:
+    """probs (N, P), rows summing to 1 -> (N, P) bool: per row, the smallest set of
+    largest entries whose mass reaches ``threshold`` (ties broken by sort order)."""
+    ordered, order = probs.sort(dim=-1, descending=True)  # (N, P)
+    mass_before = ordered.cumsum(dim=-1) - ordered  # (N, P) mass of the larger entries
+    keep_sorted = mass_before < threshold
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def select_sites(logits: Tensor, candidates: Tensor, h: int, w: int, threshold: float,
+                 budget: float | None) -> tuple[Tensor, Sites]:
+    """Choose active sites from attention logits.
+
+    logits (N, H*W) float32, candidates (N, H*W) bool -> (log-probabilities (N, H*W)
+    over candidates, Sites). ``budget`` None: CDF rule; a fraction: top-k per frame.
+    """
+    N, P = logits.shape
+    has_any = candidates.any(dim=-1, keepdim=True)  # (N, 1)
+    masked = logits.masked_fill(~candidates, float("-inf"))
+    masked = torch.where(has_any, masked, torch.zeros_like(logits))  # a frame without candidates: uniform, never kept
+    logp = masked.log_softmax(dim=-1)  # (N, P)
+    base = torch.arange(N, device=logits.device)[:, None] * P  # (N, 1)
+    if budget is None:
+        keep = cdf_keep(logp.exp().detach(), threshold) & candidates  # (N, P)
+        flat = keep.flatten().nonzero().squeeze(-1)  # (K,)
+        valid = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        k = budget_count(budget, P)
+        chosen = masked.detach().topk(k, dim=-1).indices  # (N, k)
+        valid = candidates.gather(1, chosen).flatten()  # (N*k,)
+        flat = (base + chosen).flatten()  # (N*k,)
+    return logp, Sites(flat, valid, N, h, w)
+
+
+def budget_count(fraction: float, positions: int) -> int:
+    """Sites per frame kept by a fixed budget (at least one)."""
+    return max(1, min(positions, math.ceil(fraction * positions)))
+
+
+class SubmanifoldConv3x3(nn.Module):
+    """3x3 convolution, stride 1, evaluated only at active sites from active inputs.
+    The weight has nn.Conv2d's layout (Cout, Cin, 3, 3); no bias (BatchNorm follows)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin, 3, 3))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, rows: Tensor, sites: Sites, index: Tensor) -> Tensor:
+        """rows (K, Cin) with zeros at invalid sites, index = sites.padded_index() -> (K, Cout)."""
+        K, cin = rows.shape
+        w2 = sites.w + 2
+        grid = rows.new_zeros(sites.n * (sites.h + 2) * w2, cin).index_put((index,), rows)  # (N*(H+2)*(W+2), Cin)
+        offsets = torch.tensor([dy * w2 + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=rows.device)  # (9,)
+        neighbours = grid[index[:, None] + offsets[None, :]]  # (K, 9, Cin)
+        weight = self.weight.permute(2, 3, 1, 0).reshape(9 * cin, -1)  # (9*Cin, Cout)
+        return neighbours.reshape(K, 9 * cin) @ weight  # (K, Cout)
+
+
+class SparseBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over rows (K, C) whose statistics use valid rows only. Same
+    parameters and buffers as nn.BatchNorm1d."""
+
+    def forward(self, rows: Tensor, valid: Tensor) -> Tensor:
+        if not self.training:  # written out: F.batch_norm guards on K, which breaks export in CDF mode
+            scale = torch.rsqrt(self.running_var + self.eps) * self.weight
+            return ((rows.float() - self.running_mean) * scale + self.bias).type(rows.dtype)
+        x = rows.float()
+        weight = valid.float()[:, None]  # (K, 1)
+        count = weight.sum()
+        mean = (x * weight).sum(0) / count.clamp(min=1.0)  # (C,)
+        var = ((x - mean) ** 2 * weight).sum(0) / count.clamp(min=1.0)  # (C,) biased, for normalising
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            unbiased = var * count / (count - 1.0).clamp(min=1.0)
+            enough = count > 1
+            self.running_mean.copy_(torch.where(enough, (1 - m) * self.running_mean + m * mean, self.running_mean))
+            self.running_var.copy_(torch.where(enough, (1 - m) * self.running_var + m * unbiased, self.running_var))
+            self.num_batches_tracked.add_(1)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return y.type(rows.dtype)
+
+
+class SparseConvBlock(nn.Module):
+    """Submanifold conv -> sparse BatchNorm -> ReLU, on active sites only."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = SubmanifoldConv3x3(cin, cout)
+        self.norm = SparseBatchNorm(cout)
+
+    def forward(self, rows: Tensor, sites: Sites, index: Tensor) -> Tensor:
+        y = torch.relu(self.norm(self.conv(rows, sites, index), sites.valid))
+        return torch.where(sites.valid[:, None], y, torch.zeros_like(y))  # invalid rows stay zero
+
+
+def sparse_max_pool(rows: Tensor, sites: Sites) -> tuple[Tensor, Tensor]:
+    """2x2 stride-2 max-pool of a sparse map -> (dense map (N, C, H/2, W/2) with zeros
+    at inactive outputs, active (N, H/2, W/2) bool). An output is active when any of
+    its inputs is; its value is the max over its active inputs only."""
+    C = rows.shape[1]
+    fill = torch.where(sites.valid[:, None], rows, torch.full_like(rows, float("-inf")))
+    dense = rows.new_full((sites.n * sites.h * sites.w, C), float("-inf")).index_put((sites.flat,), fill)
+    dense = dense.view(sites.n, sites.h, sites.w, C).permute(0, 3, 1, 2)  # (N, C, H, W)
+    pooled = F.max_pool2d(dense, 2)  # (N, C, H/2, W/2)
+    occupied = torch.zeros(sites.n * sites.h * sites.w, device=rows.device).index_put((sites.flat,), sites.valid.float())
+    active = F.max_pool2d(occupied.view(sites.n, 1, sites.h, sites.w), 2)[:, 0] > 0  # (N, H/2, W/2)
+    return torch.where(active[:, None], pooled, torch.zeros_like(pooled)), active
+
+
+class CrossModalAttention(nn.Module):
+    """Text-guided attention logits over the positions of a feature map:
+    score = v . tanh(W_x x + W_q q) + b (the paper's cross-modal attention)."""
+
+    def __init__(self, channels: int, guide_dim: int, attn_dim: int):
+        super().__init__()
+        self.channel_proj = nn.Linear(channels, attn_dim)
+        self.guide_proj = nn.Linear(guide_dim, attn_dim, bias=False)
+        self.score = nn.Linear(attn_dim, 1)
+
+    def forward(self, x: Tensor, guide: Tensor) -> Tensor:
+        """x (N, C, H, W), guide (N, G) -> logits (N, H*W) float32."""
+        keys = self.channel_proj(x.flatten(2).transpose(1, 2))  # (N, H*W, A)
+        query = self.guide_proj(guide)[:, None, :]  # (N, 1, A)
+        return self.score(torch.tanh(keys + query)).squeeze(-1).float()  # (N, H*W)
+
+
+class SparseStage(nn.Module):
+    """Attention-based site selection, then submanifold conv blocks, then sparse max-pool.
+
+    The selected rows are multiplied by exp(logp - stopgrad(logp)): exactly 1 in the
+    forward pass (the features enter unweighted, as in the reference code), but the
+    attention layers get the gradient of a log-probability weighting. The reference
+    code detaches the selection and never uses the scores otherwise, so its attention
+    layers receive no gradient at all.
+    """
+
+    def __init__(self, cin: int, cout: int, convs: int, guide_dim: int):
+        super().__init__()
+        self.attention = CrossModalAttention(cin, guide_dim, cin)
+        self.blocks = nn.ModuleList(SparseConvBlock(cin if i == 0 else cout, cout) for i in range(convs))
+
+    def forward(self, x: Tensor, candidates: Tensor, guide: Tensor, threshold: float,
+                budget: float | None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, C, H, W) dense map, candidates (N, H, W) bool, guide (N, G) ->
+        (pooled map (N, Cout, H/2, W/2), its active sites (N, H/2, W/2), kept sites per frame (N,))."""
+        N, C, H, W = x.shape
+        logp, sites = select_sites(self.attention(x, guide), candidates.flatten(1), H, W, threshold, budget)
+        chosen = logp.flatten()[sites.flat]  # (K,)
+        chosen = torch.where(sites.valid, chosen, torch.zeros_like(chosen))  # invalid sites may be -inf
+        gate = torch.exp(chosen - chosen.detach())  # (K,) all ones
+        rows = x.permute(0, 2, 3, 1).reshape(N * H * W, C)[sites.flat]  # (K, C)
+        rows = torch.where(sites.valid[:, None], rows * gate[:, None].type(rows.dtype), torch.zeros_like(rows))
+        index = sites.padded_index()
+        for block in self.blocks:
+            rows = block(rows, sites, index)
+        pooled, active = sparse_max_pool(rows, sites)
+        return pooled, active, sites.per_frame()

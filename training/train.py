@@ -1,0 +1,273 @@
+"""Training loop for MME2E and sparse MME2E.
+
+Adam with a lower learning rate for the pretrained text encoder, cross-entropy
+(or one-vs-rest BCE, as in the paper) on the fused logits plus auxiliary
+per-modality losses, gradient clipping, modality dropout, early stopping on
+validation macro-F1. Every epoch appends to ``RUN/metrics.jsonl`` and writes a
+resumable ``RUN/last/`` checkpoint; the best epoch is kept in ``RUN/`` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from engine.checkpoint import RunMeta, load_meta, save_checkpoint
+from engine.config import Config
+from engine.dims import ModelDims, preset_dims
+from engine.features import Batch, FeatureParams, Tokenizer, collate
+from engine.model import build_model
+from training.dataset import PreparedDataset, read_split
+from training.metrics import accuracy, macro_f1
+from training.textprep import text_model_dir, train_wordpiece
+
+LAST = "last"  # sub-folder holding the resumable state of the latest epoch
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``mmid train`` invocation, after CLI and config are merged."""
+
+    data: Path
+    out: Path
+    model: str
+    preset: str
+    split: str
+    device: str
+    resume: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _tokenizer_file(job: TrainJob, cfg: Config, text_dir: Path | None) -> Path:
+    """The tokenizer the run will use: the pretrained model's, or one learned from train texts."""
+    if text_dir is not None:
+        return text_dir / "tokenizer.json"
+    out = job.out / "tokenizer.json"
+    if not out.exists():
+        ids = set(read_split(job.data, job.split, "train"))
+        texts = [r["text"] for r in PreparedDataset.read_manifest(job.data) if r["id"] in ids]
+        train_wordpiece(texts, out, vocab_size=500 if job.preset == "tiny" else 8000)
+    return out
+
+
+def build_dims(job: TrainJob, cfg: Config, n_persons: int, learned_vocab: int) -> ModelDims:
+    """Preset dims; ``learned_vocab`` > 0 when the tokenizer was learned from the data."""
+    return preset_dims(job.preset, job.model, n_persons, cfg.model.text_model, text_vocab=learned_vocab,
+                       sparse_threshold=cfg.model.sparse_threshold)
+
+
+def hide_modalities(batch: Batch, p: float, gen: torch.Generator) -> Batch:
+    """Modality dropout: with probability ``p`` per sample hide one of its present
+    modalities (never the last one), by clearing that modality's mask row."""
+    masks = [batch.text_mask, batch.audio_mask, batch.face_mask]
+    present = torch.stack([m.any(dim=1) for m in masks], dim=1)  # (B, 3)
+    b = present.shape[0]
+    drop_sample = (torch.rand(b, generator=gen) < p) & (present.sum(dim=1) > 1)  # (B,)
+    scores = torch.rand(b, 3, generator=gen).masked_fill(~present, -1.0)
+    which = scores.argmax(dim=1)  # (B,) a present modality
+    hide = torch.zeros(b, 3, dtype=torch.bool)
+    hide[torch.arange(b), which] = True
+    hide &= drop_sample[:, None]
+    new = [m & ~hide[:, i : i + 1] for i, m in enumerate(masks)]
+    return dataclasses.replace(batch, text_mask=new[0], audio_mask=new[1], face_mask=new[2])
+
+
+def _per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """(N, P) logits, (N,) labels -> (N,) losses; softmax/sigmoid in float32."""
+    if kind == "bce":
+        target = nnf.one_hot(labels, logits.shape[1]).float()
+        return nnf.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").sum(dim=1)
+    return nnf.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def loss_fn(out, labels: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Fused loss plus ``aux_loss_weight`` x the mean loss of the present modalities' heads."""
+    fused = _per_sample_loss(out.logits, labels, cfg.train.loss).mean()
+    if cfg.train.aux_loss_weight <= 0:
+        return fused
+    b, m, p = out.modality_logits.shape
+    repeated = labels[:, None].expand(b, m).reshape(-1)  # (B*3,) matching the reshape below
+    per = _per_sample_loss(out.modality_logits.reshape(b * m, p), repeated, cfg.train.loss).reshape(b, m)
+    present = out.present.float()  # (B, 3)
+    aux = (per * present).sum() / present.sum().clamp(min=1.0)
+    return fused + cfg.train.aux_loss_weight * aux
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
+    """Fused and per-modality predictions over a loader."""
+    model.eval()
+    keep: dict[str, list[np.ndarray]] = {"label": [], "pred": [], "prob": [], "mod_pred": [], "present": []}
+    for batch, labels in loader:
+        out = model(*batch.to(device).model_inputs())
+        keep["label"].append(labels.numpy())
+        keep["prob"].append(torch.softmax(out.logits.float(), dim=1).cpu().numpy())
+        keep["pred"].append(out.logits.argmax(dim=1).cpu().numpy())
+        keep["mod_pred"].append(out.modality_logits.argmax(dim=2).cpu().numpy())
+        keep["present"].append(out.present.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in keep.items()}
+
+
+def make_loader(ds: PreparedDataset, cfg: Config, shuffle: bool, seed: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=cfg.train.batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        collate_fn=collate_labelled,
+        num_workers=cfg.train.num_workers,
+    )
+
+
+def collate_labelled(items: list) -> tuple[Batch, torch.Tensor]:
+    samples, labels = zip(*items)
+    return collate(list(samples)), torch.tensor(labels, dtype=torch.long)
+
+
+def _save_state(folder: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Optimizer moments as safetensors, counters and RNG as JSON + safetensors (no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in optimizer.state_dict()["state"].items():
+        for key, value in st.items():
+            tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def _load_state(folder: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    sd = optimizer.state_dict()
+    new_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            new_state.setdefault(int(pid), {})[name] = value.to(device) if name != "step" else value
+    sd["state"] = new_state
+    optimizer.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.torch"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def run_training(job: TrainJob, cfg: Config) -> dict:
+    """Train, validate every epoch, keep the best checkpoint in ``job.out``; return a summary."""
+    seed_everything(cfg.train.seed)
+    device = pick_device(job.device)
+    job.out.mkdir(parents=True, exist_ok=True)
+    persons = PreparedDataset.read_persons(job.data)
+    text_dir = text_model_dir(job.preset, cfg.model.text_model)
+    tok_file = _tokenizer_file(job, cfg, text_dir)
+    tokenizer = Tokenizer(tok_file, max_tokens=cfg.features.max_tokens)
+    params = FeatureParams.from_config(cfg)
+    dims = build_dims(job, cfg, len(persons), tokenizer.vocab_size if text_dir is None else 0)
+
+    last = job.out / LAST
+    resuming = job.resume and (last / "state.json").exists()
+    model = build_model(dims, text_weights_dir=None if resuming else text_dir).to(device)
+    text_params = [p for n, p in model.named_parameters() if n.startswith("text.")]
+    other = [p for n, p in model.named_parameters() if not n.startswith("text.")]
+    optimizer = torch.optim.Adam(
+        [{"params": other, "lr": cfg.train.lr}, {"params": text_params, "lr": cfg.train.text_lr}],
+        weight_decay=cfg.train.weight_decay,
+    )
+    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0}
+    if resuming:
+        model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
+        state = _load_state(last, optimizer, device)
+        print(f"[train] resuming after epoch {state['epoch']} (best macro-F1 {state['best_f1']:.4f})")
+    elif job.resume:
+        print("[train] --resume: no previous state in this run folder, starting fresh")
+    if not resuming and (job.out / "metrics.jsonl").exists():
+        (job.out / "metrics.jsonl").unlink()
+
+    train_ds = PreparedDataset(job.data, read_split(job.data, job.split, "train"), tokenizer, params, persons)
+    valid_ds = PreparedDataset(job.data, read_split(job.data, job.split, "valid"), tokenizer, params, persons)
+    meta = RunMeta(
+        dims=dims,
+        persons=tuple(persons),
+        features=params,
+        extra={"preset": job.preset, "split": job.split, "data": str(job.data), "seed": cfg.train.seed},
+    )
+    valid_loader = make_loader(valid_ds, cfg, shuffle=False, seed=0)
+    drop_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    started = time.time()
+    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        if state["bad_epochs"] >= cfg.train.patience:
+            break
+        drop_gen.manual_seed(cfg.train.seed * 1000 + epoch)
+        loader = make_loader(train_ds, cfg, shuffle=True, seed=cfg.train.seed * 1000 + epoch)
+        model.train()
+        total, count = 0.0, 0
+        for batch, labels in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch"):
+            batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
+            out = model(*batch.model_inputs())
+            loss = loss_fn(out, labels.to(device), cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+            optimizer.step()
+            total += float(loss) * len(labels)
+            count += len(labels)
+        pred = predict(model, valid_loader, device)
+        f1 = macro_f1(pred["label"], pred["pred"], len(persons))
+        row = {
+            "epoch": epoch,
+            "train_loss": total / max(count, 1),
+            "valid_accuracy": accuracy(pred["label"], pred["pred"]),
+            "valid_macro_f1": f1,
+            "elapsed_s": round(time.time() - started, 2),
+        }
+        with open(job.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(
+            f"[train] epoch {epoch}: loss {row['train_loss']:.4f} "
+            f"valid acc {row['valid_accuracy']:.4f} macro-F1 {f1:.4f}"
+        )
+        if f1 > state["best_f1"]:
+            state.update(best_f1=f1, best_epoch=epoch, bad_epochs=0)
+            save_checkpoint(job.out, model, meta, tok_file)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        last.mkdir(exist_ok=True)
+        save_checkpoint(last, model, meta, tok_file)
+        _save_state(last, optimizer, state)
+    summary = {
+        "best_epoch": state["best_epoch"],
+        "best_valid_macro_f1": state["best_f1"],
+        "epochs_run": state["epoch"],
+        "train_seconds": round(time.time() - started, 2),
+        "device": str(device),
+    }
+    (job.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_run_meta(run: Path) -> RunMeta:
+    return load_meta(run)
