@@ -25,3 +25,16 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_corpus")
     return generate(out, seed=TINY_SEED, size="tiny", workers=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mmid prepare iemocap` of ``tiny_corpus`` (default config, 2 workers): a
+    prepared DATA folder (docs/ARCHITECTURE.md). Read-only for tests, except
+    that test_prepare's resume test re-runs prepare on it (same output)."""
+    from engine.cli import main as mmid
+
+    data = tmp_path_factory.mktemp("prepared_tiny")
+    src = tiny_corpus / "IEMOCAP_full_release"
+    assert mmid(["prepare", "iemocap", "--src", str(src), "--out", str(data), "--workers", "2"]) == 0
+    return data

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from engine.cli import main as mmid
 from engine.features import decode_audio, read_wav
@@ -140,7 +139,8 @@ def test_damaged_corpus_prepares_to_completion(tiny_corpus, tmp_path):
     avis[0].write_bytes(data[: len(data) * 2 // 5])
     (dialog_dir / "wav" / f"{no_wav}.wav").unlink()
     out = tmp_path / "data"
-    assert mmid(["prepare", "iemocap", "--src", str(src), "--out", str(out), "--workers", "1"]) == 0
+    fast = ["--set", "prepare.img_interval_ms=1000"]
+    assert mmid(["prepare", "iemocap", "--src", str(src), "--out", str(out), "--workers", "1", *fast]) == 0
     report = json.loads((out / "report.json").read_text())
     reasons = {(e["dialog"], e["reason"]) for e in report["events"]}
     assert (no_wav, "wav_missing") in reasons
@@ -188,7 +188,8 @@ def test_prepare_clips_same_format(tiny_corpus, tmp_path):
                 clip.with_suffix(".txt").write_text(" ".join(u["text"] for u in utts) + "\n")
             # otherwise no sidecar: tiny.en transcribes
     out = tmp_path / "data"
-    assert mmid(["prepare", "clips", "--src", str(src), "--out", str(out), "--workers", "2"]) == 0
+    fast = ["--set", "prepare.img_interval_ms=1000"]
+    assert mmid(["prepare", "clips", "--src", str(src), "--out", str(out), "--workers", "2", *fast]) == 0
     rows = _manifest(out)
     assert rows and all(set(r) == MANIFEST_KEYS for r in rows)
     assert json.loads((out / "persons.json").read_text())["persons"] == persons

@@ -27,7 +27,7 @@ import numpy as np
 from engine.config import Config
 from engine.features import decode_audio
 from training.prepare import (
-    SAMPLE_RATE, DialogResult, FaceQueue, Planned, fit_times, guarded, read_part,
+    SAMPLE_RATE, DialogResult, Planned, fit_times, guarded, read_part,
     run_jobs, sample_frames, warn, write_dataset, write_part,
 )
 

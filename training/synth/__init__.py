@@ -13,11 +13,18 @@ same in every session).
 writes ``out/IEMOCAP_full_release/`` and ``out/persons.json``.
 
 Sizes (dialogs per session x utterances with an EmoEvaluation entry per
-dialog, plus transcript-only overlapped turns; times on 2 cores):
+dialog, plus transcript-only overlapped turns). CPU time is the sum over
+processes, measured on our 2-core machines; wall time is about half of it on
+two free cores:
 
-    tiny    3 x 6  + 1 XX  ->  9 utterances per person,  ~13 s dialogs, ~25 s
-    small   6 x 14 + 1 XX  -> 42 utterances per person,  ~35 s dialogs, ~2.5 min
-    full   12 x 30 + 2 XX  -> 180 utterances per person, ~75 s dialogs, ~20 min
+    tiny    3 x 6  + 1 XX   9 utterances per person,  8-14 s dialogs, ~19 s CPU, 37 MB
+    small   6 x 14 + 1 XX  42 utterances per person, 24-40 s dialogs, ~80 s CPU, 210 MB
+    full   12 x 30 + 2 XX 180 utterances per person, ~60-80 s dialogs, ~7 min CPU, ~1.5 GB (estimated)
+
+Utterances last 0.4-2.1 s in tiny (lines of at most five words) and
+0.4-4 s otherwise. Improvised dialogs are named impro01, impro02a, (impro02b
+from six dialogs a session), impro03, ...; scripted ones script01_1,
+script01_2, script02_1, ...
 
 Every size gives each person at least three dialogs, so a dialog-disjoint
 train/valid/test split can hold every person in every split.

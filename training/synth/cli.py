@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help=f"folder to hold {RELEASE}/ and {TRUTH_FILE}")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: synth.seed)")
     parser.add_argument("--size", choices=list(SIZES), default=None, help="corpus size (default: synth.size)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes, 0 = one per core (default: synth.workers)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes, 0 = one per core (default: synth.workers)"
+    )
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:

@@ -27,9 +27,9 @@ def _render_job(job: tuple) -> dict:
     return render_dialog(dialog, persons, root)
 
 
-def _render_all(plan: Plan, sessions: set[int], root: Path, workers: int, progress: bool) -> list[dict]:
+def _render_all(plan: Plan, names: set[str], root: Path, workers: int, progress: bool) -> list[dict]:
     persons = {p.id: p for p in plan.persons}
-    jobs = [(d, persons, root) for d in plan.dialogs if d.session in sessions]
+    jobs = [(d, persons, root) for d in plan.dialogs if d.name in names]
     jobs.sort(key=lambda job: -len(job[0].turns))  # longest first, for balance
     bar = tqdm(total=len(jobs), desc="synth dialogs", unit="dialog", file=sys.stderr, disable=not progress)
     results = []
@@ -68,18 +68,21 @@ def generate(
     size: str = "tiny",
     workers: int = 0,
     progress: bool = True,
-    sessions: Iterable[int] | None = None,
+    only: Iterable[str] | None = None,
 ) -> Path:
     """Write ``out/IEMOCAP_full_release/`` and ``out/persons.json``; return ``out``.
 
-    ``sessions`` limits rendering to some sessions (tests use it to check
+    ``only`` limits rendering to some dialog names (tests use it to check
     determinism quickly); their files are identical to a full run's.
     """
     require_espeak()
     root = Path(out)
     plan = make_plan(seed, size)
-    chosen = set(sessions) if sessions is not None else {d.session for d in plan.dialogs}
-    for session in sorted(chosen):
+    names = {d.name for d in plan.dialogs}
+    chosen = set(only) if only is not None else names
+    if chosen - names:
+        raise ValueError(f"no such dialogs in the {size} plan: {', '.join(sorted(chosen - names))}")
+    for session in sorted({d.session for d in plan.dialogs if d.name in chosen}):
         L.make_session_dirs(root, session)
     rendered = _render_all(plan, chosen, root, workers or os.cpu_count() or 1, progress)
     (root / TRUTH_FILE).write_text(json.dumps(_truth(plan, rendered), indent=1, sort_keys=True) + "\n")

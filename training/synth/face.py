@@ -123,7 +123,7 @@ def rgb_to_yuv(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(rgb, np.float32) / 255.0 @ m.T + np.array([16.0, 128.0, 128.0], np.float32)
 
 
-def _half(x: np.ndarray) -> np.ndarray:
+def half_res(x: np.ndarray) -> np.ndarray:
     """Average 2x2 blocks: full-resolution plane -> chroma resolution."""
     h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
     x = x[:h, :w]
@@ -158,13 +158,13 @@ def build_sprite(p: FaceParams) -> Sprite:
             img = np.asarray(Image.fromarray(opened.astype(np.uint8)).resize(size, Image.BILINEAR))
             yuv = rgb_to_yuv(img)
             y_levels.append(yuv[..., 0])
-            uv_levels.append(np.stack([_half(yuv[..., 1]), _half(yuv[..., 2])]))
+            uv_levels.append(np.stack([half_res(yuv[..., 1]), half_res(yuv[..., 2])]))
         a = np.asarray(Image.fromarray((alpha * 255).astype(np.uint8)).resize(size, Image.BILINEAR), np.float32)
         a = a / 255.0 * 256
         ys.append(np.round(np.stack(y_levels)).astype(np.int32))
         uvs.append(np.round(np.stack(uv_levels)).astype(np.int32))
         alphas.append(np.round(a).astype(np.int32))
-        alphas_uv.append(np.round(_half(a)).astype(np.int32))
+        alphas_uv.append(np.round(half_res(a)).astype(np.int32))
     return Sprite(tuple(ys), tuple(uvs), tuple(alphas), tuple(alphas_uv))
 
 

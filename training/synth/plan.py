@@ -101,18 +101,17 @@ def _persons(rng: np.random.Generator) -> tuple[Person, ...]:
 def _dialog_names(session: int, n: int) -> list[tuple[str, str, str, int]]:
     """(name, prefix, kind, number) of a session's dialogs; both prefixes in both kinds.
 
-    Improvisations are numbered 1, 2, 3, ...; the second one carries an `a`
-    suffix and, in sessions with six or more dialogs, a `b` twin follows it.
-    Scripts run 01_1, 01_2, 02_1, 02_2, ... so equal names mean equal lines.
+    Improvisations are numbered 01, 02a, (02b when n >= 6), 03, ...; scripts
+    run 01_1, 01_2, 02_1, 02_2, ... so equal script names mean equal lines.
     """
+    impro_names = ["01", "02a"] + (["02b"] if n >= 6 else []) + [f"{k:02d}" for k in range(3, n + 3)]
     out, impro, script = [], 0, 0
     for i in range(n):
         prefix = GENDERS[(i + i // 2 + session) % 2]
         if i % 2 == 0:
+            label = impro_names[impro]
+            out.append((f"Ses0{session}{prefix}_impro{label}", prefix, "impro", int(label[:2])))
             impro += 1
-            suffix = "a" if impro == 2 else ("b" if impro == 3 and n >= 6 else "")
-            number = impro - 1 if suffix == "b" else impro
-            out.append((f"Ses0{session}{prefix}_impro{number:02d}{suffix}", prefix, "impro", number))
         else:
             script += 1
             k, j = (script - 1) // 2 + 1, (script - 1) % 2 + 1
@@ -136,7 +135,7 @@ def _short(rng: np.random.Generator, make) -> str:
         line = make()
         if len(T.spoken(line).split()) <= 5:
             return line
-    return T._pick(rng, T.REPLIES)
+    return T.pick(rng, T.REPLIES)
 
 
 def make_plan(seed: int, size: str) -> Plan:
@@ -156,7 +155,7 @@ def make_plan(seed: int, size: str) -> Plan:
                     srng = np.random.default_rng([seed, 2, number])
                     roles = _speaker_order(srng, spec.turns_per_dialog, "F")  # F = role A
                     lines = [
-                        _short(srng, lambda: T._sentence(srng)) if spec.short_lines else T._sentence(srng)
+                        _short(srng, lambda: T.sentence(srng)) if spec.short_lines else T.sentence(srng)
                         for _ in roles
                     ]
                     scripts[number] = (roles, lines)
@@ -174,6 +173,6 @@ def make_plan(seed: int, size: str) -> Plan:
             turns = [Turn(g, T.with_marker(drng, line)) for g, line in zip(order, lines)]
             for _ in range(spec.overlaps_per_dialog):
                 at = int(drng.integers(1, len(turns)))
-                turns.insert(at, Turn("?", T._pick(drng, T.BACKCHANNELS), overlap=True))
+                turns.insert(at, Turn("?", T.pick(drng, T.BACKCHANNELS), overlap=True))
             dialogs.append(Dialog(name, session, prefix, kind, tuple(turns), int(drng.integers(2**31))))
     return Plan(seed, size, persons, tuple(dialogs))

@@ -38,7 +38,7 @@ def _timeline(dialog: Dialog, persons: dict[str, Person], rng: np.random.Generat
     last_real = None
     for turn in dialog.turns:
         if turn.overlap:
-            gender = "M" if last_real.id[-4] == "F" else "F"  # answers the turn it overlaps
+            gender = "M" if last_real.person[-1] == "F" else "F"  # answers the turn it overlaps
             number, xx[gender] = f"XX{xx[gender]}", xx[gender] + 1
         else:
             gender = turn.gender
@@ -125,7 +125,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 def _yuv420(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) RGB -> one flat uint8 yuv420p buffer (Y plane, then U, then V)."""
     yuv = FACE.rgb_to_yuv(rgb)
-    planes = [yuv[..., 0], FACE._half(yuv[..., 1]), FACE._half(yuv[..., 2])]
+    planes = [yuv[..., 0], FACE.half_res(yuv[..., 1]), FACE.half_res(yuv[..., 2])]
     return np.concatenate([np.clip(np.round(p), 0, 255).astype(np.uint8).ravel() for p in planes])
 
 
@@ -157,7 +157,8 @@ def _write_video(dialog: Dialog, persons, tracks, duration: float, path: Path, r
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         stream.bit_rate = VIDEO_BITRATE
         stream.thread_count = 1
-        stream.codec_context.options = {"flags": "+bitexact"}
+        # bit-exact: no encoder version strings; zero motion search: ~10% faster, same look.
+        stream.codec_context.options = {"flags": "+bitexact", "motion_est": "zero"}
         for i in range(n_frames):
             buf[:] = background
             for planes, (sprite, m, mouth) in zip(halves, sides):

@@ -46,27 +46,27 @@ BACKCHANNELS = ("Yeah.", "Mm-hmm.", "Right.", "Uh-huh.", "[LAUGHTER]", "Okay.")
 MARKERS = ("[LAUGHTER]", "[BREATHING]", "[GARBAGE]")
 
 
-def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+def pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _sentence(rng: np.random.Generator, topic: tuple[str, ...] | None = None) -> str:
+def sentence(rng: np.random.Generator, topic: tuple[str, ...] | None = None) -> str:
     """One short sentence of 3-7 words (about 1-2.5 s of speech)."""
     kind = rng.random()
     if kind < 0.15:
-        return _pick(rng, REPLIES)
-    obj = f"the {_pick(rng, topic)}" if topic and rng.random() < 0.7 else _pick(rng, OBJECTS)
+        return pick(rng, REPLIES)
+    obj = f"the {pick(rng, topic)}" if topic and rng.random() < 0.7 else pick(rng, OBJECTS)
     if kind < 0.4:
-        return f"{_pick(rng, QUESTIONS)} about {obj}?"
-    words = f"{_pick(rng, SUBJECTS)} {_pick(rng, VERBS)} {obj}"
+        return f"{pick(rng, QUESTIONS)} about {obj}?"
+    words = f"{pick(rng, SUBJECTS)} {pick(rng, VERBS)} {obj}"
     if rng.random() < 0.5:
-        words += f" {_pick(rng, ENDINGS)}"
+        words += f" {pick(rng, ENDINGS)}"
     return words[0].upper() + words[1:] + "."
 
 
 def script_lines(rng: np.random.Generator, n: int) -> list[str]:
     """The lines of one script part, in order (roles alternate A, B, A, ...)."""
-    return [_sentence(rng) for _ in range(n)]
+    return [sentence(rng) for _ in range(n)]
 
 
 def person_habits(rng: np.random.Generator) -> dict[str, list[str]]:
@@ -81,12 +81,12 @@ def person_habits(rng: np.random.Generator) -> dict[str, list[str]]:
 
 def improvised_line(rng: np.random.Generator, topic: tuple[str, ...], habits: dict[str, list[str]]) -> str:
     """A line in the speaker's own manner about the dialog's topic."""
-    line = _sentence(rng, topic)
+    line = sentence(rng, topic)
     if rng.random() < 0.5:
-        fav = _pick(rng, tuple(habits["favourite_words"]))
+        fav = pick(rng, tuple(habits["favourite_words"]))
         line = line.rstrip(".?") + f", {fav}" + line[-1]
     if rng.random() < 0.6:
-        pet = _pick(rng, tuple(habits["pet_phrases"]))
+        pet = pick(rng, tuple(habits["pet_phrases"]))
         rest = line if line.startswith("I ") else line[0].lower() + line[1:]
         line = pet[0].upper() + pet[1:] + ", " + rest
     return line
@@ -94,7 +94,7 @@ def improvised_line(rng: np.random.Generator, topic: tuple[str, ...], habits: di
 
 def with_marker(rng: np.random.Generator, line: str, probability: float = 0.1) -> str:
     """Sometimes append a non-speech marker such as [LAUGHTER]."""
-    return f"{line} {_pick(rng, MARKERS)}" if rng.random() < probability else line
+    return f"{line} {pick(rng, MARKERS)}" if rng.random() < probability else line
 
 
 def spoken(text: str) -> str:

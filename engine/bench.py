@@ -1,0 +1,401 @@
+"""`mmid bench`: latency, throughput and peak memory of engines, per backend, dense and sparse.
+
+    mmid bench --preset paper [--json]        random-weight dense + sparse engines of a preset
+    mmid bench --engine ENGINE [ENGINE ...]   exported engine folders
+
+Two scopes, on identical inputs for every backend:
+- ``model``: the backend's forward on a collated Batch (features precomputed).
+- ``window``: a simulated stream (3 s windows, 1 s hop, one frame every
+  img_interval_ms at 224x224): MTCNN face detection + crop, log-mel chunks,
+  tokenisation, collate and the forward. What overlapping windows share is not
+  recomputed: each sampled frame is detected and cropped once and its crop is
+  cached (with 500 ms frames, 2 of a window's 6 frames are new). Log-mel and
+  tokens are recomputed per window (their cost is under a millisecond), and the
+  model runs on the whole window (nothing inside the model is cached).
+
+Batch 1 gives per-window latency p50/p95; batches 8 and 32 give throughput.
+Peak memory: RSS high-water mark minus RSS before (CPU; Linux clear_refs), or
+torch.cuda.max_memory_allocated (CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.features import collate
+
+DEFAULT_CACHE = Path(".mmid-cache/bench")
+BENCH_PERSONS = 10
+WINDOW_S, HOP_S = 3.0, 1.0
+FRAME_SIZE = 224  # pixels: the speaker's centre crop that MTCNN searches
+BATCHES = (1, 8, 32)
+TRANSCRIPTS = (  # ~12 words: what a 3 s window of speech holds
+    "i told you already that i was not going to the party tonight",
+    "well maybe we should just call them and ask what they think about it",
+    "you never listen to me when i am talking about something that matters",
+    "the plane leaves at seven so we have to be at the airport early",
+    "i am so happy for you this is the best news i have heard",
+    "do you really think that is going to work out the way you planned",
+)
+
+
+# ---------------------------------------------------------------- random engines
+
+
+def make_tokenizer(path: Path) -> Path:
+    """A small lower-cased WordPiece tokenizer.json ([PAD]=0 ... [MASK]=4) for random engines."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(list(TRANSCRIPTS) * 4, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
+                                                                             show_progress=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS, int8: bool = True,
+                  sparse_budget: tuple[float, ...] | None = None, seed: int = 0) -> Path:
+    """Export a random-weight model of ``preset`` to ``out`` (reused when already there)."""
+    from engine.dims import preset_dims
+    from engine.export import export_engine
+    from engine.features import FeatureParams
+    from engine.model import build_model
+
+    if (out / "engine.json").exists():
+        return out
+    torch.manual_seed(seed)
+    model = build_model(preset_dims(preset, name, n_persons)).eval()
+    tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
+    persons = [f"person{i}" for i in range(n_persons)]
+    return export_engine(model, persons, FeatureParams(), tokenizer, out, sparse_budget=sparse_budget, int8=int8,
+                         source=f"random weights, preset {preset}")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def stream_frames(n: int, corpus: Path | None = None) -> list[np.ndarray]:
+    """n RGB uint8 (224, 224, 3) frames with a real-looking face: from a synthetic
+    corpus video when given, else scikit-image's astronaut photo, jittered."""
+    if corpus is not None:
+        videos = sorted(Path(corpus).rglob("*.avi"))
+        if videos:
+            return _video_frames(videos[0], n)
+    from skimage.data import astronaut
+
+    photo = astronaut()  # (512, 512, 3), face near (90:260, 160:320)
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(n):
+        y, x = rng.integers(0, 40, size=2)
+        frames.append(np.ascontiguousarray(photo[y: y + FRAME_SIZE, 120 + x: 120 + x + FRAME_SIZE]))
+    return frames
+
+
+def _video_frames(path: Path, n: int) -> list[np.ndarray]:
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            img = frame.to_ndarray(format="rgb24")
+            h, w = img.shape[:2]
+            half = img[:, : w // 2]  # left speaker's half, as prepare does
+            top, left = max(0, (h - FRAME_SIZE) // 2), max(0, (w // 2 - FRAME_SIZE) // 2)
+            frames.append(np.ascontiguousarray(half[top: top + FRAME_SIZE, left: left + FRAME_SIZE]))
+            if len(frames) >= n * 3:
+                break
+    frames = frames[::3] if len(frames) >= n * 3 else frames
+    return [frames[i % len(frames)] for i in range(n)]
+
+
+@dataclass
+class Stream:
+    """A simulated source: frames every frame_s seconds, 16 kHz audio, a transcript per window."""
+
+    frames: list[np.ndarray]
+    audio: np.ndarray
+    frame_s: float
+    sample_rate: int
+
+    @classmethod
+    def make(cls, n_windows: int, params, corpus: Path | None = None) -> "Stream":
+        frame_s = params.img_interval_ms / 1000.0
+        seconds = WINDOW_S + HOP_S * n_windows
+        rng = np.random.default_rng(1)
+        t = np.arange(int(seconds * params.sample_rate)) / params.sample_rate
+        audio = (0.1 * np.sin(2 * np.pi * 140 * t * (1 + 0.1 * np.sin(3 * t))) + 0.02 * rng.standard_normal(t.shape))
+        return cls(stream_frames(int(seconds / frame_s) + 1, corpus), audio.astype(np.float32), frame_s, params.sample_rate)
+
+    def window(self, w: int) -> tuple[range, np.ndarray, str]:
+        """Frame indices, audio and transcript of window w."""
+        first = int(round(w * HOP_S / self.frame_s))
+        frames = range(first, first + int(round(WINDOW_S / self.frame_s)))
+        a = int(w * HOP_S * self.sample_rate)
+        return frames, self.audio[a: a + int(WINDOW_S * self.sample_rate)], TRANSCRIPTS[w % len(TRANSCRIPTS)]
+
+
+class FaceCache:
+    """Crops of sampled frames, detected once each (the sharing across overlapping windows)."""
+
+    def __init__(self, stream: Stream, params):
+        self.stream, self.params, self.crops = stream, params, {}
+
+    def get(self, indices: range) -> tuple[np.ndarray, np.ndarray]:
+        from engine.faces import crop_faces
+
+        new = [i for i in indices if i not in self.crops]
+        if new:
+            crops, found, _ = crop_faces([self.stream.frames[i] for i in new], self.params.face_size, self.params.face_margin)
+            self.crops.update({i: (c, f) for i, c, f in zip(new, crops, found)})
+        for i in [i for i in self.crops if i < indices.start]:
+            del self.crops[i]  # frames no later window uses
+        return np.stack([self.crops[i][0] for i in indices]), np.array([self.crops[i][1] for i in indices])
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """RSS high-water mark delta (CPU) or torch.cuda.max_memory_allocated (CUDA), in MiB."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self.base = _rss_kib("VmRSS:") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else _rss_kib("VmHWM:") * 1024
+        self.mib = max(0.0, (peak - self.base) / 2**20)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn, n: int, device: str, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def summarise(times: list[float], batch: int) -> dict:
+    ms = np.array(times) * 1000.0
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "windows_per_s": round(batch * len(ms) / float(ms.sum() / 1000.0), 2)}
+
+
+def bench_model(engine, stream: Stream, batch: int, iters: int) -> dict:
+    """Backend forward only, on collated windows (features computed once, outside the timing)."""
+    cache = FaceCache(stream, engine.feature_params)
+    windows = []
+    for w in range(batch):
+        frames, audio, text = stream.window(w)
+        crops, found = cache.get(frames)
+        windows.append((crops, found, audio, text))
+    b = engine.collate_raw(windows)
+    with PeakMemory(engine.backend.device) as mem:
+        times = time_calls(lambda: engine.backend.run(b), iters, engine.backend.device)
+    return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
+
+
+def bench_window(engine, stream: Stream, batch: int, iters: int) -> dict:
+    """Whole windows in stream order: new frames detected (cache), features, collate, forward."""
+    params = engine.feature_params
+    cache = FaceCache(stream, params)
+    cache.get(stream.window(0)[0])  # steady state: the first window's earlier frames are already seen
+    state = {"w": 0}
+
+    def step():
+        windows = []
+        for _ in range(batch):
+            frames, audio, text = stream.window(state["w"])
+            crops, found = cache.get(frames)
+            windows.append((crops, found, audio, text))
+            state["w"] += 1
+        engine.backend.run(collate([_sample(engine, *w) for w in windows]))
+
+    with PeakMemory(engine.backend.device) as mem:
+        times = time_calls(step, iters, engine.backend.device, warmup=1)
+    return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
+
+
+def _sample(engine, crops, found, audio, text):
+    from engine.features import make_sample
+
+    return make_sample(crops, found, audio, text, engine.tokenizer, engine.feature_params)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", type=Path, nargs="+", help="engine folders to benchmark")
+    parser.add_argument("--preset", choices=["tiny", "default", "paper"], help="build random-weight engines of this preset")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
+    parser.add_argument("--backends", default="", help="comma list among torch,onnx,onnx-int8,tensorrt (default: all available)")
+    parser.add_argument("--scopes", default="model,window", help="comma list among model,window")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the targets are for 2)")
+    parser.add_argument("--iters", type=int, default=0, help="timed calls per row (0: 20 at batch 1, fewer when larger)")
+    parser.add_argument("--sparse-budget", type=float, nargs="+", help="sparse export budget for --preset engines")
+    parser.add_argument("--corpus", type=Path, help="synthetic corpus folder for real face frames (mmid synth)")
+    parser.add_argument("--peer", action="store_true", help="also time benchmarks/peer.py (the original MME2E workload)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+
+
+def available_backends(info: dict) -> list[str]:
+    out = ["torch", "onnx"] + (["onnx-int8"] if info.get("int8_graph") else [])
+    if torch.cuda.is_available():
+        out.insert(1, "torch-cuda")
+        if info.get("plan"):
+            out.append("tensorrt")
+    return out
+
+
+def open_engine(path: Path, backend: str, threads: int):
+    from engine.runtime import Engine
+
+    if backend == "torch-cuda":
+        return Engine.load(path, "torch", threads, device="cuda")
+    if backend == "onnx-int8":
+        return Engine.load(path, "onnx", threads, int8=True)
+    return Engine.load(path, backend, threads, device="cpu" if backend == "torch" else None)
+
+
+def run(args: argparse.Namespace, cfg) -> int:
+    torch.set_num_threads(args.threads)
+    engines = list(args.engine or [])
+    if not engines:
+        preset = args.preset or "tiny"
+        budget = tuple(args.sparse_budget) if args.sparse_budget else None
+        for name in ("mme2e", "mme2e_sparse"):
+            tag = "" if budget is None or name == "mme2e" else "-" + "-".join(map(str, budget))
+            engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget))
+    batches = [int(b) for b in args.batches.split(",")]
+    scopes = args.scopes.split(",")
+    rows = []
+    stream = None
+    for path in engines:
+        info = json.loads((Path(path) / "engine.json").read_text())
+        backends = [b for b in available_backends(info) if not args.backends or b in args.backends.split(",")]
+        for backend in backends:
+            engine = open_engine(Path(path), backend, args.threads)
+            stream = stream or Stream.make(2 + 3 * max(batches) * 4, engine.feature_params, args.corpus)
+            for scope in scopes:
+                for batch in batches:
+                    iters = args.iters or max(3, 20 // batch)
+                    fn = bench_model if scope == "model" else bench_window
+                    row = {"model": info["dims"]["name"], "backend": engine.backend_name, "device": engine.backend.device,
+                           "scope": scope, "batch": batch, **fn(engine, stream, batch, iters),
+                           "gflops_per_window": round(info["flops_per_window"]["gflops"], 2),
+                           "sparse_budget": info.get("sparse_budget"), "threads": args.threads, "engine": str(path)}
+                    rows.append(row)
+                    _emit(row, args.json)
+    if args.peer:
+        for row in peer_rows(stream or Stream.make(40, _params(), args.corpus), args.threads, batches):
+            rows.append(row)
+            _emit(row, args.json)
+    if not args.no_write:
+        write_markdown(rows, Path("BENCHMARKS.md"))
+    return 0
+
+
+def _params():
+    from engine.features import FeatureParams
+
+    return FeatureParams()
+
+
+def peer_rows(stream: Stream, threads: int, batches: list[int]) -> list[dict]:
+    """Time the original workload (benchmarks/peer.py) on the same frames, loaded by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "peer.py"
+    spec = importlib.util.spec_from_file_location("mmid_peer", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    return peer.bench(stream.frames, stream.audio, list(TRANSCRIPTS), threads=threads, batches=batches)
+
+
+def _emit(row: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row), flush=True)
+    else:
+        print(f"{row['model']:>13} {row['backend']:>12} {row['scope']:>6} b={row['batch']:<3} p50 {row['p50_ms']:>8.1f} ms"
+              f"  p95 {row['p95_ms']:>8.1f} ms  {row['windows_per_s']:>8.1f} windows/s  peak {row.get('peak_mib', 0):>7.1f} MiB",
+              flush=True)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    try:
+        load = "load average %.1f" % __import__("os").getloadavg()[0]
+    except OSError:
+        load = ""
+    return f"{cpu}, {__import__('os').cpu_count()} cores, {gpu}, {load}"
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    """Replace the '## Engine' section of BENCHMARKS.md (other sections are kept)."""
+    from engine.export import versions
+
+    v = versions()
+    lines = ["## Engine", "",
+             f"`mmid bench` on {time.strftime('%Y-%m-%d %H:%M')}: {machine()}; "
+             + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
+             "Window scope = MTCNN on each sampled frame once (crops cached across the 1 s-hop windows: 2 new of 6 "
+             "frames per window), log-mel + tokenisation per window, forward per window. Model scope = forward only.", "",
+             "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | sparse budget |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['backend']} | {r.get('device', 'cpu')} | {r['scope']} | {r['batch']} | "
+                     f"{r['p50_ms']} | {r['p95_ms']} | {r['windows_per_s']} | {r.get('peak_mib', '')} | "
+                     f"{r.get('gflops_per_window', '')} | {r.get('sparse_budget') or ''} |")
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find("## Engine")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
+    path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")

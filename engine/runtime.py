@@ -1,0 +1,193 @@
+"""The inference engine: load a run or engine folder, identify who speaks in windows.
+
+    engine = Engine.load("ENGINE")               # backend="auto": tensorrt > torch-cuda > onnx > torch
+    ids = engine.identify(batch)                 # batch: engine.features.Batch
+    ids = engine.identify_raw([(crops, found, audio, text), ...])
+
+An engine folder (``mmid export``) holds ``engine.json`` (dims, person map,
+feature parameters, backend, sparse budget, FLOPs, versions), ``tokenizer.json``,
+``model.onnx`` (+ ``model.int8.onnx``, + ``model.plan`` for TensorRT) and
+``model.safetensors`` (for the torch backend). A run folder (``mmid train``)
+serves through the torch backend. Nothing here imports ``training``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.backends import BACKENDS, Backend
+from engine.dims import ModelDims
+from engine.features import Batch, FeatureParams, Tokenizer, collate, make_sample
+
+log = logging.getLogger("mmid.engine")
+
+ENGINE_FILE = "engine.json"
+ENGINE_FORMAT_VERSION = 1
+MODALITIES = ("text", "audio", "visual")
+
+
+@dataclass(frozen=True)
+class Identification:
+    """The answer for one window."""
+
+    person: str  # most probable person
+    index: int  # its label index
+    confidence: float  # its fused probability
+    probabilities: np.ndarray  # float32 (P,) fused softmax over persons
+    modality_probabilities: np.ndarray  # float32 (3, P) text, audio, visual; zeros where absent
+    present: tuple[bool, bool, bool]  # text, audio, visual
+    embedding: np.ndarray  # float32 (E,) fused [text, audio, visual] embedding
+
+    def top(self, persons: Sequence[str], k: int = 3) -> list[tuple[str, float]]:
+        order = np.argsort(-self.probabilities)[:k]
+        return [(persons[i], float(self.probabilities[i])) for i in order]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def identifications(out: dict[str, np.ndarray], persons: Sequence[str]) -> list[Identification]:
+    """Backend outputs -> one Identification per row."""
+    probs = softmax(out["logits"].astype(np.float32))
+    modal = softmax(out["modality_logits"].astype(np.float32)) * out["present"][:, :, None]
+    result = []
+    for b in range(probs.shape[0]):
+        i = int(probs[b].argmax())
+        result.append(Identification(
+            person=persons[i], index=i, confidence=float(probs[b, i]), probabilities=probs[b],
+            modality_probabilities=modal[b].astype(np.float32), present=tuple(bool(v) for v in out["present"][b]),
+            embedding=out["embedding"][b].astype(np.float32),
+        ))
+    return result
+
+
+class Engine:
+    """A loaded model behind one backend, with its person map, features and tokenizer."""
+
+    def __init__(self, backend: Backend, dims: ModelDims, persons: Sequence[str], feature_params: FeatureParams,
+                 tokenizer: Tokenizer, info: dict[str, Any] | None = None):
+        self.backend = backend
+        self.dims = dims
+        self.persons = tuple(persons)
+        self.feature_params = feature_params
+        self.tokenizer = tokenizer
+        self.info = dict(info or {})
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto", threads: int = 0, *, int8: bool = False,
+             device: str | None = None, compile: bool = False) -> "Engine":
+        """Load an engine folder (``mmid export``) or a run folder (torch backend)."""
+        path = Path(path)
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend={backend!r}: expected 'auto' or one of {BACKENDS}")
+        if (path / ENGINE_FILE).exists():
+            info = json.loads((path / ENGINE_FILE).read_text())
+            if info.get("format_version") != ENGINE_FORMAT_VERSION:
+                raise ValueError(f"{path}: unsupported engine format_version {info.get('format_version')!r}")
+            dims = ModelDims.from_json(json.dumps(info["dims"]))
+            persons, params = info["persons"], FeatureParams.from_dict(info["features"])
+        elif (path / "model.json").exists():
+            from engine.checkpoint import load_meta
+
+            meta = load_meta(path)
+            info, dims, persons, params = {"backend": "torch", "run": True}, meta.dims, meta.persons, meta.features
+        else:
+            raise FileNotFoundError(f"{path} is neither an engine folder ({ENGINE_FILE}) nor a run folder (model.json)")
+        choice = _choose_backend(path, info, backend, device)
+        impl = _open_backend(choice, path, info, dims, threads, int8, device, compile)
+        log.info("engine %s: backend %s on %s (asked: %s)", path, impl.name, impl.device, backend)
+        tokenizer = Tokenizer(path / "tokenizer.json", max_tokens=params.max_tokens)
+        return cls(impl, dims, persons, params, tokenizer, info)
+
+    def run(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Raw backend outputs (logits, modality_logits, present, embedding)."""
+        return self.backend.run(batch)
+
+    def identify(self, batch: Batch) -> list[Identification]:
+        return identifications(self.backend.run(batch), self.persons)
+
+    def identify_raw(self, windows: Sequence[tuple[np.ndarray, Any, np.ndarray, str]]) -> list[Identification]:
+        """[(crops uint8 (F,S,S,3), face_found (F,), audio float32 16 kHz, transcript), ...] -> answers."""
+        return self.identify(self.collate_raw(windows))
+
+    def collate_raw(self, windows: Sequence[tuple[np.ndarray, Any, np.ndarray, str]]) -> Batch:
+        samples = [make_sample(crops, found, audio, text, self.tokenizer, self.feature_params)
+                   for crops, found, audio, text in windows]
+        return collate(samples)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _tensorrt_usable(path: Path, info: dict) -> bool:
+    if not info.get("plan") or not (path / info["plan"]).exists() or not _cuda_available():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _choose_backend(path: Path, info: dict, backend: str, device: str | None) -> str:
+    if backend != "auto":
+        return backend
+    if info.get("run"):
+        return "torch"
+    if _tensorrt_usable(path, info):
+        return "tensorrt"
+    if device == "cuda" or (device is None and _cuda_available()):
+        return "torch"  # no TensorRT: the CUDA torch backend beats ORT's CPU provider
+    return "onnx"
+
+
+def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads: int, int8: bool,
+                  device: str | None, compile: bool) -> Backend:
+    if choice == "onnx":
+        from engine.backends.onnx_backend import OnnxBackend
+
+        if info.get("run"):
+            raise ValueError(f"{path} is a run folder: export it first (mmid export --run {path} --out ENGINE)")
+        graph = info.get("int8_graph") if int8 else info["graph"]
+        if not graph:
+            raise ValueError(f"{path} has no int8 graph: export with --int8")
+        return OnnxBackend(path / graph, threads=threads, device="cpu", name="onnx-int8" if int8 else "onnx")
+    if choice == "tensorrt":
+        from engine.backends.tensorrt_backend import TensorRTBackend, require_tensorrt
+
+        require_tensorrt()
+        if not info.get("plan") or not (path / info["plan"]).exists():
+            raise ValueError(f"{path} has no TensorRT plan: export with --backend tensorrt on a machine with TensorRT")
+        return TensorRTBackend(path / info["plan"])
+    return _torch_backend(path, info, dims, threads, device or ("cuda" if _cuda_available() else "cpu"), compile)
+
+
+def _torch_backend(path: Path, info: dict, dims: ModelDims, threads: int, device: str, compile: bool) -> Backend:
+    from safetensors.torch import load_file
+
+    from engine.backends.torch_backend import TorchBackend
+    from engine.model import build_model
+
+    model = build_model(dims)
+    model.load_state_dict(load_file(str(path / info.get("weights", "model.safetensors"))), strict=True)
+    if info.get("sparse_budget") and hasattr(model, "set_sparse_budget"):
+        model.set_sparse_budget(info["sparse_budget"])  # serve exactly what was exported
+    return TorchBackend(model, device=device, compile=compile, threads=threads)
