@@ -68,16 +68,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 5e-4
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float = 2e-3
     text_lr: float = 5e-5
     weight_decay: float = 1e-4
     clip_grad: float = 10.0
     loss: Literal["ce", "bce"] = "ce"
     aux_loss_weight: float = 0.5
     modality_dropout: float = 0.2
-    patience: int = 6
+    patience: int = 10
     split: Literal["dialog", "utterance"] = "dialog"
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"

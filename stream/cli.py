@@ -16,7 +16,7 @@ import sys
 
 from engine.config import Config, ConfigError
 from stream.events import SourceState
-from stream.identify import load_identifier
+from stream.identify import load_identifier, sampling_config
 from stream.ingest import parse_source
 from stream.metrics import Metrics, setup_logging
 from stream.pipeline import Pipeline
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-id", action="append", default=[], metavar="NAME",
                         help="name of each source, in --source order (default: from the source)")
     parser.add_argument("--engine", default="null",
-                        help="identifier: 'null' (always unknown) or 'package.module:factory' (default: null)")
+                        help="identifier: an engine folder (mmid export) or run folder (mmid train), 'null' "
+                             "(always unknown) or 'package.module:factory' (default: null)")
     parser.add_argument("--redis", metavar="URL", help="Redis URL (default: stream.redis_url)")
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     parser.add_argument("--rtsp-transport", choices=["tcp", "udp"], default="tcp")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     metrics = Metrics()
     metrics.serve(sc.metrics_port)
     identifier = load_identifier(args.engine, cfg)
+    cfg = sampling_config(cfg, identifier)
     transcriber = load_transcriber(sc.asr_model, sc.asr_compute_type)
     publisher = Publisher(args.redis or sc.redis_url, sc.stream_maxlen, Spool(sc.spool_dir, sc.spool_max_events),
                           metrics)

@@ -2,14 +2,15 @@
 
 The pipeline hands batches of windows (from any number of sources) to an
 ``Identifier`` and publishes what it returns. The trained engine plugs in
-by implementing this protocol (an adapter that turns Windows into the
-engine's Batch with engine/features.py and engine/faces.py, calls
-``Engine.identify`` and maps each Identification to a WindowResult), and by
-being returned from ``load_identifier`` for its ``--engine`` value.
+through ``stream.engine_identifier.EngineIdentifier`` (faces, audio and
+transcript of each window through the shared feature code, one
+``Engine.identify_raw`` batch per call).
 
-``--engine`` values understood today:
+``--engine`` values:
 - ``null`` (default): ``NullIdentifier``, always "unknown", confidence 0,
   with measured audio RMS and frame count as evidence (transport tests);
+- a folder: an engine folder (``mmid export``) or a run folder (``mmid
+  train``), loaded with [engine] backend and threads into an EngineIdentifier;
 - ``package.module:factory``: ``factory(cfg)`` returns an Identifier.
 """
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from engine.config import Config, ConfigError
+from engine.config import Config, ConfigError, replace
 from stream.events import UNKNOWN, ModelInfo
 from stream.windows import Window
 
@@ -65,10 +67,26 @@ class NullIdentifier:
         return WindowResult(person=UNKNOWN, confidence=0.0, top_k=(), evidence=evidence)
 
 
+def sampling_config(cfg: Config, identifier: Identifier) -> Config:
+    """``cfg`` with video sampled every ``identifier.img_interval_ms`` (the interval its model was
+    trained on) when it declares one; the pipeline samples frames every [prepare] img_interval_ms."""
+    interval = getattr(identifier, "img_interval_ms", None)
+    if interval is None or interval == cfg.prepare.img_interval_ms:
+        return cfg
+    return replace(cfg, prepare={"img_interval_ms": int(interval)})
+
+
 def load_identifier(engine: str | None, cfg: Config) -> Identifier:
     """The Identifier named by ``--engine`` (see the module docstring)."""
     if engine in (None, "", "null"):
         return NullIdentifier()
+    if Path(engine).is_dir():
+        from stream.engine_identifier import EngineIdentifier  # imported here: loads torch and the backends
+
+        try:
+            return EngineIdentifier.from_path(engine, cfg)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"--engine {engine}: {exc}") from None
     if ":" in engine:
         module_name, _, attr = engine.partition(":")
         try:
@@ -80,6 +98,6 @@ def load_identifier(engine: str | None, cfg: Config) -> Identifier:
             raise ConfigError(f"--engine {engine}: {attr}(cfg) did not return an Identifier")
         return identifier
     raise ConfigError(
-        f"--engine {engine!r}: engine folders are not wired in yet; "
-        "use 'null' or 'package.module:factory' returning a stream.identify.Identifier"
+        f"--engine {engine!r}: not a folder; use 'null', an engine or run folder, "
+        "or 'package.module:factory' returning a stream.identify.Identifier"
     )

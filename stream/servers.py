@@ -57,6 +57,17 @@ def redis_binary() -> str:
     return str(get_binary_path())
 
 
+def rtsp_available(python: str = SYSTEM_PYTHON) -> bool:
+    """Whether GStreamer's RTSP server bindings import under the system Python."""
+    if not Path(python).exists():
+        return False
+    probe = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 class _Process:
     """A child server process on a fixed port."""
 

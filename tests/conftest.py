@@ -38,3 +38,19 @@ def prepared_tiny(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -
     src = tiny_corpus / "IEMOCAP_full_release"
     assert mmid(["prepare", "iemocap", "--src", str(src), "--out", str(data), "--workers", "2"]) == 0
     return data
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(prepared_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both models trained once per test run with the ``tiny`` preset on
+    ``prepared_tiny`` (dialog split, default training config): model name ->
+    run folder (model.safetensors + model.json + tokenizer.json). Read-only."""
+    from engine.cli import main as mmid
+
+    runs = {}
+    for name in ("mme2e", "mme2e_sparse"):
+        out = tmp_path_factory.mktemp(f"run_{name}")
+        args = ["train", "--data", str(prepared_tiny), "--model", name, "--preset", "tiny", "--out", str(out)]
+        assert mmid(args) == 0
+        runs[name] = out
+    return runs

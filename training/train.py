@@ -223,7 +223,7 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         loader = make_loader(train_ds, cfg, shuffle=True, seed=cfg.train.seed * 1000 + epoch)
         model.train()
         total, count = 0.0, 0
-        for batch, labels in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch"):
+        for batch, labels in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=None):
             batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
             out = model(*batch.model_inputs())
             loss = loss_fn(out, labels.to(device), cfg)
@@ -232,15 +232,17 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             if cfg.train.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
             optimizer.step()
-            total += float(loss) * len(labels)
+            total += loss.item() * len(labels)
             count += len(labels)
         pred = predict(model, valid_loader, device)
         f1 = macro_f1(pred["label"], pred["pred"], len(persons))
+        valid_loss = float(-np.log(np.clip(pred["prob"][np.arange(len(pred["label"])), pred["label"]], 1e-12, None)).mean())
         row = {
             "epoch": epoch,
             "train_loss": total / max(count, 1),
             "valid_accuracy": accuracy(pred["label"], pred["pred"]),
             "valid_macro_f1": f1,
+            "valid_loss": valid_loss,
             "elapsed_s": round(time.time() - started, 2),
         }
         with open(job.out / "metrics.jsonl", "a") as fh:
@@ -249,8 +251,9 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             f"[train] epoch {epoch}: loss {row['train_loss']:.4f} "
             f"valid acc {row['valid_accuracy']:.4f} macro-F1 {f1:.4f}"
         )
-        if f1 > state["best_f1"]:
-            state.update(best_f1=f1, best_epoch=epoch, bad_epochs=0)
+        better = f1 > state["best_f1"] or (f1 == state["best_f1"] and valid_loss < state.get("best_loss", np.inf))
+        if better:  # macro-F1 first, validation loss breaks ties
+            state.update(best_f1=f1, best_loss=valid_loss, best_epoch=epoch, bad_epochs=0)
             save_checkpoint(job.out, model, meta, tok_file)
         else:
             state["bad_epochs"] += 1

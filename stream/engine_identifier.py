@@ -1,0 +1,181 @@
+"""The trained engine behind the stream's Identifier protocol.
+
+    identifier = EngineIdentifier.from_path("ENGINE", cfg)   # engine or run folder
+    results = identifier.identify(windows)                    # one WindowResult per window
+
+Per call, every window handed over (from any sources) goes through the shared
+feature code and one ``engine.identify_raw`` batch:
+
+- faces: the window's sampled frames (one every ``feature_params.img_interval_ms``,
+  thinned here if the source was sampled more densely) through
+  ``engine.faces.crop_faces``, the same MTCNN crop and centre-crop fallback as
+  in training. Windows overlap (3 s every 1 s: each frame is in three
+  windows), so crops are cached per (stream id, frame time) in a bounded LRU
+  and a frame is detected once; the frames new to a call are detected
+  together in one ``crop_faces`` call.
+- audio: the window's 16 kHz mono samples; text: its transcript.
+
+Each result carries the fused top person, the top-k, and per-modality
+evidence: for "text", "audio" and "visual", whether the modality was present
+and that modality's probability of the top person (null when absent), plus
+the face box of the largest face in the window's frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import Config
+from engine.faces import crop_faces
+from engine.runtime import ENGINE_FILE, MODALITIES, Engine, Identification
+from stream.events import ModelInfo
+from stream.identify import WindowResult
+from stream.windows import Window
+
+log = logging.getLogger("stream.engine")
+
+FACE_CACHE_FRAMES = 2048  # cached crops at most (~7 KB each at 48x48): a few hundred windows of all sources
+TIME_EPS_S = 1e-3  # seconds of slack when thinning frames to the model's interval
+
+FaceEntry = tuple[np.ndarray, bool, np.ndarray]  # crop uint8 (S, S, 3), face found, box float32 (4,) or NaN
+
+
+class FaceCache:
+    """Bounded LRU of face crops keyed by (stream id, frame time in stream seconds)."""
+
+    def __init__(self, max_frames: int = FACE_CACHE_FRAMES):
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.max_frames = max_frames
+        self.detected = 0  # frames run through MTCNN
+        self.hits = 0  # frames served from the cache
+        self._entries: OrderedDict[tuple[str, float], FaceEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[str, float]) -> FaceEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return entry
+
+    def put(self, key: tuple[str, float], entry: FaceEntry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_frames:
+            self._entries.popitem(last=False)
+
+
+def model_info(engine: Engine, path: str | Path | None = None) -> ModelInfo:
+    """Name (architecture), version (hash of the folder's metadata) and backend."""
+    version = "unversioned"
+    if path is not None:
+        meta = next((Path(path) / f for f in (ENGINE_FILE, "model.json") if (Path(path) / f).exists()), None)
+        if meta is not None:
+            version = hashlib.sha1(meta.read_bytes()).hexdigest()[:12]
+    return ModelInfo(name=engine.dims.name, version=version, backend=engine.backend_name)
+
+
+class EngineIdentifier:
+    """Identifier over an ``engine.runtime.Engine`` (any backend)."""
+
+    def __init__(self, engine: Engine, cfg: Config, info: ModelInfo | None = None,
+                 cache_frames: int = FACE_CACHE_FRAMES):
+        self.engine = engine
+        self.params = engine.feature_params
+        self.top_k = max(1, cfg.stream.top_k)
+        self.info = info or model_info(engine)
+        self.img_interval_ms = self.params.img_interval_ms  # read by stream.identify.sampling_config
+        self.faces = FaceCache(cache_frames)
+        self._interval_s = self.params.img_interval_ms / 1000.0
+        self._warned_sparse = False
+
+    @classmethod
+    def from_path(cls, path: str | Path, cfg: Config) -> "EngineIdentifier":
+        """Load an engine folder (``mmid export``) or a run folder with [engine] backend and threads."""
+        engine = Engine.load(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
+        return cls(engine, cfg, model_info(engine, path))
+
+    def identify(self, windows: list[Window]) -> list[WindowResult]:
+        if not windows:
+            return []
+        faces = self._faces(windows)
+        raw = [(crops, found, w.audio, w.transcript) for w, (crops, found, _) in zip(windows, faces)]
+        answers = self.engine.identify_raw(raw)
+        return [self._result(a, box) for a, (_, _, box) in zip(answers, faces)]
+
+    # -- faces ------------------------------------------------------------------
+    def sampled(self, window: Window) -> list[int]:
+        """Indices of the window's frames one img_interval apart (the model's sampling)."""
+        keep, next_t = [], None
+        for i, t in enumerate(window.frame_times):
+            if next_t is None or t >= next_t - TIME_EPS_S:
+                keep.append(i)
+                next_t = t + self._interval_s
+        gaps = np.diff(window.frame_times)
+        if not self._warned_sparse and gaps.size and np.median(gaps) > 1.5 * self._interval_s:
+            self._warned_sparse = True
+            log.warning("frames arrive every %.3f s, the model was trained on one every %.3f s",
+                        float(np.median(gaps)), self._interval_s)
+        return keep
+
+    def _faces(self, windows: list[Window]) -> list[tuple[np.ndarray, np.ndarray, tuple | None]]:
+        """Per window: crops (F, S, S, 3), found (F,), largest face box; new frames detected in one call."""
+        keys = [[(w.stream_id, w.frame_times[i]) for i in self.sampled(w)] for w in windows]
+        known: dict[tuple[str, float], FaceEntry] = {}
+        todo: dict[tuple[str, float], np.ndarray] = {}
+        for w, ks in zip(windows, keys):
+            by_time = dict(zip(w.frame_times, w.frames))
+            for k in ks:
+                if k in known or k in todo:
+                    continue
+                entry = self.faces.get(k)
+                if entry is None:
+                    todo[k] = by_time[k[1]]
+                else:
+                    known[k] = entry
+        if todo:
+            crops, found, boxes = crop_faces(list(todo.values()), self.params.face_size, self.params.face_margin)
+            self.faces.detected += len(todo)
+            for k, c, f, b in zip(todo, crops, found, boxes):
+                known[k] = (c, bool(f), b)
+                self.faces.put(k, known[k])
+        return [self._window_faces([known[k] for k in ks]) for ks in keys]
+
+    def _window_faces(self, entries: list[FaceEntry]) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+        if not entries:
+            size = self.params.face_size
+            return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool), None
+        crops = np.stack([e[0] for e in entries])
+        found = np.array([e[1] for e in entries], dtype=bool)
+        return crops, found, largest_box([e[2] for e in entries if e[1]])
+
+    # -- results ----------------------------------------------------------------
+    def _result(self, a: Identification, face_box: tuple | None) -> WindowResult:
+        persons = self.engine.persons
+        evidence: dict[str, Any] = {}
+        for m, name in enumerate(MODALITIES):
+            present = bool(a.present[m])
+            p = float(a.modality_probabilities[m, a.index]) if present else None
+            best = int(np.argmax(a.modality_probabilities[m])) if present else None
+            evidence[name] = {"present": present, "probability": p,
+                              "best": persons[best] if best is not None else None}
+        return WindowResult(person=a.person, confidence=float(a.confidence), top_k=tuple(a.top(persons, self.top_k)),
+                            evidence=evidence, face_box=face_box)
+
+
+def largest_box(boxes: list[np.ndarray]) -> tuple[float, float, float, float] | None:
+    """The box (x1, y1, x2, y2) of largest area, rounded to 0.1 pixel; None when there is none."""
+    if not boxes:
+        return None
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+    b = boxes[int(np.argmax(areas))]
+    return tuple(round(float(v), 1) for v in b)

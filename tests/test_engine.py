@@ -1,0 +1,263 @@
+"""Inference engine: backend parity, export with dynamic shapes, the engine folder
+served without ``training``, int8 top-1, and the TensorRT inputs.
+
+Tiny preset, random weights (no training needed). The ONNX exports are made
+once per module (each takes tens of seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engine.backends import GRAPH_OUTPUT_NAMES, INPUT_NAMES, OUTPUT_NAMES
+from engine.backends.tensorrt_backend import TENSORRT_OPS, TENSORRT_OPSET_RANGE, ProfileRanges
+from engine.bench import make_tokenizer
+from engine.checkpoint import RunMeta, save_checkpoint
+from engine.dims import preset_dims
+from engine.export import export_engine
+from engine.features import Batch, FeatureParams
+from engine.model import build_model
+from engine.runtime import Engine, Identification
+
+N_PERSONS = 4
+BUDGET = (0.5, 0.5, 0.5)
+TOL = 1e-4
+REPO = Path(__file__).resolve().parent.parent
+# (batch, frames, chunks, tokens): none of them is the export example (2, 3, 4, 5)
+SHAPES = [(1, 1, 1, 1), (3, 6, 8, 14), (7, 2, 5, 30)]
+
+
+def random_batch(dims, B: int, F: int, C: int, L: int, seed: int = 0, absent: bool = True) -> Batch:
+    """Random valid inputs with ragged masks; sample 0 lacks text, sample 1 lacks faces (when B allows)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lambda n: torch.randint(1, n + 1, (B,), generator=g)  # noqa: E731
+    mask = lambda n: torch.arange(n)[None, :] < lengths(n)[:, None]  # noqa: E731
+    face_mask, audio_mask, text_mask = mask(F), mask(C), mask(L)
+    if absent and B > 1:
+        text_mask[0] = False
+        face_mask[1] = False
+    return Batch(
+        faces=torch.randn(B, F, 3, dims.face_size, dims.face_size, generator=g), face_mask=face_mask,
+        audio=torch.randn(B, C, 1, dims.n_mels, dims.chunk_frames, generator=g), audio_mask=audio_mask,
+        text=torch.randint(5, dims.text_vocab, (B, L), generator=g), text_mask=text_mask,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def _model(name: str, seed: int):
+    torch.manual_seed(seed)
+    model = build_model(preset_dims("tiny", name, N_PERSONS, text_vocab=400)).eval()
+    # non-trivial BatchNorm statistics and fusion weights, as after training
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        model.fusion.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, tokenizer_file) -> dict[str, tuple[torch.nn.Module, Path]]:
+    out = {}
+    for seed, name in enumerate(("mme2e", "mme2e_sparse")):
+        model = _model(name, seed)
+        folder = tmp_path_factory.mktemp(name)
+        export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, folder,
+                      sparse_budget=BUDGET, int8=True)
+        out[name] = (model, folder)  # the sparse model is left in the exported fixed-budget mode
+    return out
+
+
+def _reference(model, batch: Batch) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        return {k: v.numpy() for k, v in zip(OUTPUT_NAMES, model(*batch.model_inputs()))}
+
+
+def _assert_close(got: dict, want: dict, tol: float = TOL) -> None:
+    assert set(got) == set(OUTPUT_NAMES)
+    np.testing.assert_array_equal(got["present"], want["present"])
+    for key in ("logits", "modality_logits", "embedding"):
+        assert got[key].shape == want[key].shape, key
+        np.testing.assert_allclose(got[key], want[key], atol=tol, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_backend_matches_pytorch(engines, name, backend):
+    model, folder = engines[name]
+    engine = Engine.load(folder, backend=backend, threads=2, device="cpu")
+    assert engine.backend_name == backend
+    for i, shape in enumerate(SHAPES):  # batch sizes and lengths never seen at export
+        batch = random_batch(model.dims, *shape, seed=i)
+        _assert_close(engine.run(batch), _reference(model, batch))
+
+
+def test_absent_modality_reported(engines):
+    model, folder = engines["mme2e"]
+    out = Engine.load(folder, backend="onnx").run(random_batch(model.dims, 3, 4, 4, 6))
+    assert not out["present"][0, 0] and not out["present"][1, 2]
+    assert np.all(out["modality_logits"][0, 0] == 0) and np.all(out["modality_logits"][1, 2] == 0)
+
+
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+def test_int8_same_top1(engines, name):
+    model, folder = engines[name]
+    fp32, int8 = Engine.load(folder, "onnx"), Engine.load(folder, "onnx", int8=True)
+    assert int8.backend_name == "onnx-int8"
+    batch = random_batch(model.dims, 16, 6, 8, 14, seed=7)
+    ref = _reference(model, batch)["logits"]
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * np.abs(ref).max()  # windows not decided by a near-tie
+    assert clear.sum() >= 8
+    got = int8.run(batch)["logits"].argmax(1)
+    np.testing.assert_array_equal(got[clear], ref.argmax(1)[clear])
+    np.testing.assert_array_equal(fp32.run(batch)["logits"].argmax(1), ref.argmax(1))
+
+
+def test_sparse_export_executes_fewer_flops(engines):
+    info = json.loads((engines["mme2e_sparse"][1] / "engine.json").read_text())
+    assert info["sparse_budget"] == list(BUDGET)
+    flops = info["flops_per_window"]
+    assert flops["gflops"] < 0.9 * flops["dense_gflops"]
+
+
+def test_identify(engines):
+    model, folder = engines["mme2e_sparse"]
+    engine = Engine.load(folder)  # auto: onnx on a CPU-only machine
+    assert engine.backend_name == ("onnx" if not torch.cuda.is_available() else engine.backend_name)
+    batch = random_batch(model.dims, 3, 4, 5, 6)
+    ids = engine.identify(batch)
+    assert len(ids) == 3 and all(isinstance(i, Identification) for i in ids)
+    ref = _reference(model, batch)
+    for b, ident in enumerate(ids):
+        assert ident.person == engine.persons[int(ref["logits"][b].argmax())]
+        assert ident.probabilities.shape == (N_PERSONS,) and abs(ident.probabilities.sum() - 1) < 1e-5
+        assert ident.confidence == pytest.approx(float(ident.probabilities.max()))
+        assert ident.modality_probabilities.shape == (3, N_PERSONS)
+        assert ident.embedding.shape == (model.dims.embedding_dim,)
+    assert ids[0].present[0] is False and np.all(ids[0].modality_probabilities[0] == 0)
+
+
+def test_identify_raw(engines):
+    _, folder = engines["mme2e"]
+    engine = Engine.load(folder, "onnx")
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (5, 48, 48, 3), dtype=np.uint8)
+    windows = [(crops, np.array([1, 1, 0, 1, 1], bool), rng.standard_normal(48000).astype(np.float32) * 0.1,
+                "i told you already that i was not going"),
+               (crops[:0], np.zeros(0, bool), np.zeros(0, np.float32), "")]  # nothing at all
+    ids = engine.identify_raw(windows)
+    assert ids[0].present == (True, True, True)
+    assert ids[1].present == (False, False, False)
+    np.testing.assert_allclose(ids[1].probabilities, 1 / N_PERSONS, atol=1e-6)
+
+
+def test_run_folder_serves_with_torch(tmp_path, tokenizer_file):
+    model = _model("mme2e", 3)
+    save_checkpoint(tmp_path, model, RunMeta(model.dims, tuple("abcd"), FeatureParams()), tokenizer_file)
+    engine = Engine.load(tmp_path)
+    assert engine.backend_name == "torch" and engine.persons == tuple("abcd")
+    batch = random_batch(model.dims, 2, 3, 3, 4)
+    _assert_close(engine.run(batch), _reference(model, batch), tol=1e-6)
+    with pytest.raises(ValueError, match="export it first"):
+        Engine.load(tmp_path, "onnx")
+
+
+def test_engine_folder_serves_without_training(engines):
+    _, folder = engines["mme2e_sparse"]
+    code = f"""
+import sys, numpy as np
+from engine.runtime import Engine
+engine = Engine.load({str(folder)!r}, backend="onnx", threads=1)
+crops = np.zeros((2, 48, 48, 3), np.uint8)
+ids = engine.identify_raw([(crops, np.ones(2, bool), np.zeros(16000, np.float32), "hello there")])
+assert ids[0].person in engine.persons
+bad = sorted(m for m in sys.modules if m == "training" or m.startswith("training."))
+assert not bad, bad
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_engine_folder_contents(engines):
+    for name, (_, folder) in engines.items():
+        files = {p.name for p in folder.iterdir()}
+        assert {"engine.json", "model.onnx", "tokenizer.json", "model.safetensors", "model.int8.onnx"} <= files
+        info = json.loads((folder / "engine.json").read_text())
+        assert info["dims"]["name"] == name and info["persons"] == [f"p{i}" for i in range(N_PERSONS)]
+        assert FeatureParams.from_dict(info["features"]) == FeatureParams()
+        assert {"torch", "onnx", "onnxruntime", "tensorrt"} <= set(info["versions"])
+
+
+# ---------------------------------------------------------------- TensorRT
+
+
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+def test_tensorrt_consumes_a_valid_graph(engines, name):
+    """Everything the TensorRT build reads: opset, ops, input names/dtypes, dynamic axes, profiles."""
+    model, folder = engines[name]
+    graph = onnx.load(str(folder / "model.onnx"))
+    onnx.checker.check_model(graph)
+    opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    assert TENSORRT_OPSET_RANGE[0] <= opset <= TENSORRT_OPSET_RANGE[1]
+    ops = {n.op_type for n in graph.graph.node}
+    for fn in graph.functions:  # onnxscript may leave local functions
+        ops |= {n.op_type for n in fn.node}
+    assert ops - {f.name for f in graph.functions} <= TENSORRT_OPS, sorted(ops - TENSORRT_OPS)
+    inputs = {i.name: i.type.tensor_type for i in graph.graph.input}
+    assert list(inputs) == list(INPUT_NAMES)
+    assert [o.name for o in graph.graph.output] == list(GRAPH_OUTPUT_NAMES)
+    want_dtype = {"faces": onnx.TensorProto.FLOAT, "audio": onnx.TensorProto.FLOAT, "text": onnx.TensorProto.INT64}
+    shapes = ProfileRanges.for_features(FeatureParams(), max_batch=32).input_shapes(model.dims)
+    for name_, tt in inputs.items():
+        assert tt.elem_type == want_dtype.get(name_, onnx.TensorProto.BOOL), name_
+        dims = tt.shape.dim
+        assert dims[0].dim_param and dims[1].dim_param, f"{name_}: batch and length axes must be dynamic"
+        static = [d.dim_value for d in dims[2:]]
+        lo, opt, hi = shapes[name_]
+        assert all(d.dim_value == 0 for d in dims[:2])
+        assert list(lo[2:]) == static == list(hi[2:])
+        assert all(1 <= a <= b <= c for a, b, c in zip(lo, opt, hi))
+    assert shapes["text"][2][1] <= model.dims.text_max_positions
+
+
+def test_tensorrt_build_and_run(engines, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pytest.skip("TensorRT is not installed (cannot be installed on our machines, see ENVIRONMENT.md)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from engine.backends.tensorrt_backend import TensorRTBackend, build_engine
+
+    model, folder = engines["mme2e"]
+    shapes = ProfileRanges.for_features(FeatureParams(), max_batch=8).input_shapes(model.dims)
+    plan = build_engine(folder / "model.onnx", tmp_path / "model.plan", shapes, fp16=False)
+    backend = TensorRTBackend(plan)
+    batch = random_batch(model.dims, 3, 6, 8, 14)
+    _assert_close(backend.run(batch), _reference(model, batch), tol=1e-3)
+
+
+def test_tensorrt_missing_is_a_clear_error(engines):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="TensorRT"):
+        Engine.load(engines["mme2e"][1], backend="tensorrt")

@@ -1,0 +1,101 @@
+"""Training, evaluation, checkpoints and FLOPs on the tiny corpus with the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from engine.checkpoint import load_checkpoint
+from engine.cli import main as mmid
+from engine.features import Tokenizer, collate
+from training.dataset import PreparedDataset, read_split
+from training.metrics import confusion, macro_f1
+
+
+def _json_out(capsys, args: list[str]) -> dict:
+    capsys.readouterr()
+    assert mmid(args) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+def test_tiny_preset_reaches_90_percent(name, tiny_runs, prepared_tiny, capsys):
+    summary = _json_out(capsys, ["evaluate", "--run", str(tiny_runs[name]), "--data", str(prepared_tiny), "--json"])
+    assert summary["n"] == len(read_split(prepared_tiny, "dialog", "test"))
+    assert summary["accuracy"] >= 0.9, summary
+    assert set(summary["per_modality"]) == {"text", "audio", "visual"}
+    assert 0.0 <= summary["macro_f1"] <= 1.0
+    assert (tiny_runs[name] / "confusion_test.png").stat().st_size > 0
+    assert (tiny_runs[name] / "training_curves.png").stat().st_size > 0
+    rows = [json.loads(x) for x in (tiny_runs[name] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_checkpoint_is_pickle_free_and_round_trips(tiny_runs, prepared_tiny, monkeypatch):
+    run = tiny_runs["mme2e_sparse"]
+    assert not any(p.suffix in {".pt", ".pth", ".pkl", ".bin"} for p in run.rglob("*"))
+    with safe_open(str(run / "model.safetensors"), framework="pt") as fh:
+        assert len(list(fh.keys())) > 10
+    model_a, meta = load_checkpoint(run)
+    # Loading must never unpickle anything.
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickling during load"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickling during load"))
+    model_b, _ = load_checkpoint(run)
+    tok = Tokenizer(run / "tokenizer.json", max_tokens=meta.features.max_tokens)
+    ds = PreparedDataset(prepared_tiny, read_split(prepared_tiny, "dialog", "test")[:6], tok, meta.features,
+                         list(meta.persons))
+    batch = collate([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        a, b = model_a(*batch.model_inputs()), model_b(*batch.model_inputs())
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.embedding, b.embedding)
+
+
+def test_resume_continues_where_it_stopped(prepared_tiny, tmp_path):
+    base = ["train", "--data", str(prepared_tiny), "--model", "mme2e", "--preset", "tiny"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert mmid(base + ["--out", str(straight), "--epochs", "3"]) == 0
+    assert mmid(base + ["--out", str(resumed), "--epochs", "2"]) == 0
+    assert mmid(base + ["--out", str(resumed), "--epochs", "3", "--resume"]) == 0
+    rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5, abs=1e-6)
+        assert ra["valid_macro_f1"] == pytest.approx(rb["valid_macro_f1"])
+    with safe_open(str(straight / "last" / "model.safetensors"), framework="pt") as fa, \
+            safe_open(str(resumed / "last" / "model.safetensors"), framework="pt") as fb:
+        for key in fa.keys():
+            assert torch.allclose(fa.get_tensor(key).float(), fb.get_tensor(key).float(), atol=1e-5), key
+
+
+def test_flops_sparse_executes_less_feature_work(tiny_runs, prepared_tiny, capsys):
+    dense = _json_out(capsys, ["flops", "--run", str(tiny_runs["mme2e"]), "--data", str(prepared_tiny),
+                               "--limit", "8", "--json"])
+    sparse = _json_out(capsys, ["flops", "--run", str(tiny_runs["mme2e_sparse"]), "--data", str(prepared_tiny),
+                                "--limit", "8", "--json"])
+    assert dense["feature_extraction_flops"] > 0 and dense["total_flops"] >= dense["feature_extraction_flops"]
+    assert dense["active_fraction"] == {}
+    assert set(sparse["active_fraction"]) == {"audio", "visual"}
+    for fractions in sparse["active_fraction"].values():
+        assert all(0.0 < f < 1.0 for f in fractions)
+    assert sparse["feature_extraction_flops"] < dense["feature_extraction_flops"]
+
+
+def test_metrics_by_hand():
+    y_true = np.array([0, 0, 1, 1, 2])
+    y_pred = np.array([0, 1, 1, 1, 0])
+    cm = confusion(y_true, y_pred, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    # F1: class 0 = 0.5, class 1 = 0.8, class 2 = 0
+    assert macro_f1(y_true, y_pred, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_train_refuses_a_folder_that_is_not_prepared(tmp_path, capsys):
+    assert mmid(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().out
