@@ -86,7 +86,7 @@ class Engine:
         return self.backend.name
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", threads: int = 0, *, int8: bool = False,
+    def load(cls, path: str | Path, backend: str = "auto", threads: int = 0, *, int8: bool | str = False,
              device: str | None = None, compile: bool = False) -> "Engine":
         """Load an engine folder (``mmid export``) or a run folder (torch backend)."""
         path = Path(path)
@@ -159,7 +159,7 @@ def _choose_backend(path: Path, info: dict, backend: str, device: str | None) ->
     return "onnx"
 
 
-def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads: int, int8: bool,
+def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads: int, int8: bool | str,
                   device: str | None, compile: bool) -> Backend:
     if choice == "onnx":
         from engine.backends.onnx_backend import OnnxBackend
@@ -169,6 +169,10 @@ def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads:
         graph = info.get("int8_graph") if int8 else info["graph"]
         if not graph:
             raise ValueError(f"{path} has no int8 graph: export with --int8")
+        agreement = info.get("int8_top1_agreement_random", 1.0)
+        if int8 and int8 != "force" and agreement < 1.0:
+            raise ValueError(f"{path}: the int8 graph changed the top-1 person on {1 - agreement:.0%} of the export's "
+                             "check windows, so it is not served (int8='force' loads it anyway, e.g. for timing)")
         return OnnxBackend(path / graph, threads=threads, device="cpu", name="onnx-int8" if int8 else "onnx")
     if choice == "tensorrt":
         from engine.backends.tensorrt_backend import TensorRTBackend, require_tensorrt

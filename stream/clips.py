@@ -2,6 +2,7 @@
 
     timeline = single_speaker_clip(corpus, "Ses01F", "ses01f.mp4", max_s=20.0)
     timeline = conversation_clip(corpus, "Ses01F_impro02a", "talk.mp4")
+    timeline = conversations_clip(corpus, dialogs, "long.mp4", size=(640, 360), max_s=60)
 
 Both take ``corpus`` = the folder that holds ``IEMOCAP_full_release/`` and
 ``persons.json`` (the generator's ground truth), cut the annotated utterances
@@ -79,12 +80,30 @@ def conversation_clip(corpus_dir: str | Path, dialog: str, out_path: str | Path,
     ``dialog`` in time order, the speaker's half-frame and the speaker's channel.
     ``size``: (width, height) of the clip (letterboxed), default the half-frame 360x480.
     Returns the ground truth [(start, end, person), ...] in clip time."""
+    return conversations_clip(corpus_dir, [dialog], out_path, fps=fps, size=size)
+
+
+def conversations_clip(corpus_dir: str | Path, dialogs: list[str], out_path: str | Path, fps: int = FPS,
+                       size: tuple[int, int] | None = None, max_s: float | None = None) -> Timeline:
+    """``conversation_clip`` of several dialogs one after the other (longer test streams),
+    stopping before the first utterance that would end after ``max_s`` when given."""
     truth = _ground_truth(corpus_dir)
-    if dialog not in truth["dialogs"]:
-        raise ValueError(f"no dialog {dialog!r} in {corpus_dir}/persons.json")
-    segments = sorted((s for s in _segments(truth) if s.dialog == dialog), key=lambda s: s.start)
-    if not segments:
-        raise ValueError(f"dialog {dialog!r} has no annotated utterances")
+    segments: list[Segment] = []
+    for dialog in dialogs:
+        if dialog not in truth["dialogs"]:
+            raise ValueError(f"no dialog {dialog!r} in {corpus_dir}/persons.json")
+        mine = sorted((s for s in _segments(truth) if s.dialog == dialog), key=lambda s: s.start)
+        if not mine:
+            raise ValueError(f"dialog {dialog!r} has no annotated utterances")
+        segments += mine
+    if max_s is not None:
+        total, kept = 0.0, []
+        for s in segments:
+            total += s.end - s.start
+            if total > max_s and kept:
+                break
+            kept.append(s)
+        segments = kept
     return write_clip(corpus_dir, segments, out_path, fps, size)
 
 

@@ -44,10 +44,19 @@ FACE_CACHE_FRAMES = 2048  # cached crops at most (~7 KB each at 48x48): a few hu
 TIME_EPS_S = 1e-3  # seconds of slack when thinning frames to the model's interval
 
 FaceEntry = tuple[np.ndarray, bool, np.ndarray]  # crop uint8 (S, S, 3), face found, box float32 (4,) or NaN
+FINGERPRINT_STEP = 16  # pixels between the samples that fingerprint a cached frame
+
+
+def fingerprint(frame: np.ndarray) -> bytes:
+    """A cheap digest of a frame: tells a cached frame from another one at the same key
+    (a stream id reused by a later run in the same process)."""
+    return hashlib.blake2b(np.ascontiguousarray(frame[::FINGERPRINT_STEP, ::FINGERPRINT_STEP]).tobytes(),
+                           digest_size=8).digest()
 
 
 class FaceCache:
-    """Bounded LRU of face crops keyed by (stream id, frame time in stream seconds)."""
+    """Bounded LRU of face crops keyed by (stream id, frame time in stream seconds),
+    checked against the frame's fingerprint."""
 
     def __init__(self, max_frames: int = FACE_CACHE_FRAMES):
         if max_frames < 1:
@@ -55,20 +64,21 @@ class FaceCache:
         self.max_frames = max_frames
         self.detected = 0  # frames run through MTCNN
         self.hits = 0  # frames served from the cache
-        self._entries: OrderedDict[tuple[str, float], FaceEntry] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, float], tuple[bytes, FaceEntry]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[str, float]) -> FaceEntry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return entry
+    def get(self, key: tuple[str, float], frame: np.ndarray) -> FaceEntry | None:
+        item = self._entries.get(key)
+        if item is None or item[0] != fingerprint(frame):
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return item[1]
 
-    def put(self, key: tuple[str, float], entry: FaceEntry) -> None:
-        self._entries[key] = entry
+    def put(self, key: tuple[str, float], frame: np.ndarray, entry: FaceEntry) -> None:
+        self._entries[key] = (fingerprint(frame), entry)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_frames:
             self._entries.popitem(last=False)
@@ -137,7 +147,7 @@ class EngineIdentifier:
             for k in ks:
                 if k in known or k in todo:
                     continue
-                entry = self.faces.get(k)
+                entry = self.faces.get(k, by_time[k[1]])
                 if entry is None:
                     todo[k] = by_time[k[1]]
                 else:
@@ -145,9 +155,9 @@ class EngineIdentifier:
         if todo:
             crops, found, boxes = crop_faces(list(todo.values()), self.params.face_size, self.params.face_margin)
             self.faces.detected += len(todo)
-            for k, c, f, b in zip(todo, crops, found, boxes):
+            for (k, frame), c, f, b in zip(todo.items(), crops, found, boxes):
                 known[k] = (c, bool(f), b)
-                self.faces.put(k, known[k])
+                self.faces.put(k, frame, known[k])
         return [self._window_faces([known[k] for k in ks]) for ks in keys]
 
     def _window_faces(self, entries: list[FaceEntry]) -> tuple[np.ndarray, np.ndarray, tuple | None]:

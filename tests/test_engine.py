@@ -113,18 +113,22 @@ def test_absent_modality_reported(engines):
 
 
 @pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
-def test_int8_same_top1(engines, name):
+def test_int8_served_only_when_top1_holds(engines, name):
+    """fp32 ONNX keeps PyTorch's top-1; the int8 graph is served only if it kept the
+    top-1 person on every check window of the export (random tiny weights have tiny
+    margins, so here it usually does not, and loading it must then refuse)."""
     model, folder = engines[name]
-    fp32, int8 = Engine.load(folder, "onnx"), Engine.load(folder, "onnx", int8=True)
-    assert int8.backend_name == "onnx-int8"
     batch = random_batch(model.dims, 16, 6, 8, 14, seed=7)
-    ref = _reference(model, batch)["logits"]
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * np.abs(ref).max()  # windows not decided by a near-tie
-    assert clear.sum() >= 8
-    got = int8.run(batch)["logits"].argmax(1)
-    np.testing.assert_array_equal(got[clear], ref.argmax(1)[clear])
-    np.testing.assert_array_equal(fp32.run(batch)["logits"].argmax(1), ref.argmax(1))
+    ref = _reference(model, batch)["logits"].argmax(1)
+    np.testing.assert_array_equal(Engine.load(folder, "onnx").run(batch)["logits"].argmax(1), ref)
+    info = json.loads((folder / "engine.json").read_text())
+    forced = Engine.load(folder, "onnx", int8="force")
+    assert forced.backend_name == "onnx-int8"
+    if info["int8_top1_agreement_random"] == 1.0:
+        np.testing.assert_array_equal(Engine.load(folder, "onnx", int8=True).run(batch)["logits"].argmax(1), ref)
+    else:
+        with pytest.raises(ValueError, match="top-1"):
+            Engine.load(folder, "onnx", int8=True)
 
 
 def test_sparse_export_executes_fewer_flops(engines):
