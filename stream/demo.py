@@ -185,7 +185,8 @@ def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f} ms"
 
 
-def run_demo(args: argparse.Namespace, cfg: Config) -> dict:
+def run_demo(args: argparse.Namespace, cfg: Config) -> tuple[dict, list[Received], list[tuple[float, float, str]]]:
+    """Run the demo; return the summary, the events as received from Redis, and the ground truth."""
     from stream.clips import conversation_clip
     from stream.identify import load_identifier
     from stream.ingest import parse_source
@@ -235,11 +236,11 @@ def run_demo(args: argparse.Namespace, cfg: Config) -> dict:
                 rtsp.stop()
     summary = summarise(sub.received, timeline, clip_s, wall, f"{engine_dir.name}, {identifier.info.backend}")
     summary["real_time_factor"] = cpu / clip_s  # CPU seconds of the whole pipeline per stream second
-    return summary
+    return summary, sub.received, timeline
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    summary = run_demo(args, cfg)
+    summary, _, _ = run_demo(args, cfg)
     print_summary(summary)
     (Path(args.workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0 if summary["windows"] > 0 else 1

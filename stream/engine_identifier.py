@@ -6,12 +6,13 @@
 Per call, every window handed over (from any sources) goes through the shared
 feature code and one ``engine.identify_raw`` batch:
 
-- faces: the window's sampled frames (one every ``feature_params.img_interval_ms``,
-  thinned here if the source was sampled more densely) through
+- faces: the window's sampled frames (one every ``feature_params.img_interval_ms``:
+  `mmid stream` sets the pipeline's sampling to it through
+  ``stream.identify.sampling_config``, and denser frames are thinned here) through
   ``engine.faces.crop_faces``, the same MTCNN crop and centre-crop fallback as
   in training. Windows overlap (3 s every 1 s: each frame is in three
   windows), so crops are cached per (stream id, frame time) in a bounded LRU
-  and a frame is detected once; the frames new to a call are detected
+  (checked against a fingerprint of the frame) and a frame is detected once; the frames new to a call are detected
   together in one ``crop_faces`` call.
 - audio: the window's 16 kHz mono samples; text: its transcript.
 
