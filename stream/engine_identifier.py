@@ -113,7 +113,17 @@ class EngineIdentifier:
     def from_path(cls, path: str | Path, cfg: Config) -> "EngineIdentifier":
         """Load an engine folder (``mmid export``) or a run folder with [engine] backend and threads."""
         engine = Engine.load(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
-        return cls(engine, cfg, model_info(engine, path))
+        identifier = cls(engine, cfg, model_info(engine, path))
+        identifier.warm_up()
+        return identifier
+
+    def warm_up(self) -> None:
+        """Load MTCNN and run the backend once, so the first live window does not pay for it."""
+        size = self.params.face_size
+        frame = np.zeros((2 * size, 2 * size, 3), np.uint8)
+        crops, found, _ = crop_faces([frame], size, self.params.face_margin)
+        audio = np.zeros(self.params.sample_rate, np.float32)
+        self.engine.identify_raw([(crops, np.ones_like(found), audio, "hello")])
 
     def identify(self, windows: list[Window]) -> list[WindowResult]:
         if not windows:

@@ -154,7 +154,8 @@ class Pipeline:
     def _read_source(self, source: Source) -> None:
         sc = self.cfg.stream
         windower = Windower(source.stream_id, sc.window_s, sc.hop_s)
-        tracker = SpeechTracker(self.transcriber, step_s=sc.asr_step_s) if self.transcriber else None
+        tracker = (SpeechTracker(self.transcriber, step_s=sc.asr_step_s, background=sc.asr_background)
+                   if self.transcriber else None)
         if tracker:
             self.trackers[source.stream_id] = tracker
         failures, reconnects, lost_at = 0, 0, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 
 import numpy as np
@@ -130,6 +131,28 @@ def test_incremental_asr_short_steps_never_overlap():
         tracker.annotate(w, final=i == len(windows) - 1)
     assert counting.samples == 10 * SAMPLE_RATE  # not 3x: no audio transcribed twice
     assert counting.calls <= 11
+
+
+def test_background_asr_never_blocks_the_source_thread():
+    release = threading.Event()
+    counting = CountingTranscriber()
+
+    def blocked(audio):  # holds the first call until released
+        release.wait(30)
+        return counting(audio)
+
+    tracker = SpeechTracker(blocked, step_s=1.0, background=True)
+    windower = Windower("s", 3.0, 1.0)
+    windows = []
+    for i in range(60):  # 6 s
+        windows += windower.push(AudioChunk(i * 0.1, 0.0, np.full(1600, 0.01, np.float32)))
+    windows += windower.flush()
+    for w in windows[:-1]:
+        tracker.annotate(w)  # would hang here if the source thread waited for ASR
+    assert counting.calls == 0 and tracker.calls == 1  # one call in flight, none finished
+    release.set()
+    tracker.annotate(windows[-1], final=True)  # the last window waits for everything
+    assert counting.samples == 6 * SAMPLE_RATE  # each sample transcribed exactly once
 
 
 def test_spool_keeps_order_across_restarts_and_counts_overflow(tmp_path, monkeypatch):
