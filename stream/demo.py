@@ -82,7 +82,7 @@ def ensure_corpus(work: Path, seed: int, size: str) -> Path:
 class Subscriber:
     """Follows ``mmid:events:{stream}`` on Redis in a thread and keeps what arrives."""
 
-    def __init__(self, url: str, stream_id: str, quiet: bool, truth_at):
+    def __init__(self, url: str, stream_id: str, quiet: bool, truth_at, last_end: float, on_last):
         import redis
 
         self.client = redis.Redis.from_url(url)
@@ -91,6 +91,8 @@ class Subscriber:
         self.received: list[Received] = []
         self.quiet = quiet
         self.truth_at = truth_at
+        self.last_end = last_end  # stream time of the clip's end: its last window ends here
+        self.on_last = on_last  # called once the last window's event has arrived
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="demo-subscriber", daemon=True)
         self.thread.start()
@@ -104,6 +106,8 @@ class Subscriber:
             self.received.append(Received(event, time.time()))
             if not self.quiet:
                 print(format_event(event, self.truth_at(event["start"], event["end"])), flush=True)
+            if event["end"] >= self.last_end:
+                self.on_last()
 
     def close(self) -> None:
         time.sleep(0.5)  # let the last published events arrive
@@ -224,11 +228,13 @@ def run_demo(args: argparse.Namespace, cfg: Config) -> tuple[dict, list[Received
             transcriber = load_transcriber(cfg.stream.asr_model, cfg.stream.asr_compute_type)
             publisher = Publisher(redis_server.url, cfg.stream.stream_maxlen,
                                   Spool(str(spool), cfg.stream.spool_max_events), metrics)
-            sub = Subscriber(redis_server.url, STREAM_ID, args.quiet, truth_lookup(timeline))
             pipeline = Pipeline([parse_source(url, STREAM_ID, "tcp")], identifier, publisher, cfg, metrics,
                                 transcriber)
+            # the clip's last window ends at the end of its audio; stop there rather than replay the clip
+            sub = Subscriber(redis_server.url, STREAM_ID, args.quiet, truth_lookup(timeline),
+                             last_end=timeline[-1][1] - cfg.stream.hop_s, on_last=pipeline.stop)
             started, cpu0 = time.time(), time.process_time()
-            pipeline.run(duration_s=clip_s + 8.0)
+            pipeline.run(duration_s=clip_s + 15.0)  # a bound, in case the clip's end never arrives
             wall, cpu = time.time() - started, time.process_time() - cpu0
             sub.close()
         finally:

@@ -14,6 +14,7 @@ source failing never stops the others.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -243,7 +244,23 @@ class Pipeline:
             self.metrics.queue.set(len(self.queue))
             self._identify(batch)
 
+    def _late_transcripts(self, batch: list[Queued]) -> list[Queued]:
+        """With background ASR, give each window the text committed by now, after waiting up to
+        ``asr_wait_s`` (from when it was queued) for its audio to be transcribed."""
+        if not self.cfg.stream.asr_background:
+            return batch
+        out = []
+        for q in batch:
+            tracker = self.trackers.get(q.window.stream_id)
+            if tracker is not None and q.window.has_audio:
+                tracker.wait_for(q.window.end, self.cfg.stream.asr_wait_s - (time.monotonic() - q.enqueued))
+                text = tracker.text_between(q.window.start, q.window.end)
+                q = dataclasses.replace(q, window=dataclasses.replace(q.window, transcript=text))
+            out.append(q)
+        return out
+
     def _identify(self, batch: list[Queued]) -> None:
+        batch = self._late_transcripts(batch)
         started = time.monotonic()
         try:
             results = self.identifier.identify([q.window for q in batch])

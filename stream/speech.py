@@ -84,8 +84,9 @@ class SpeechTracker:
         self._pending_t0: float | None = None  # stream time of the first pending sample
         self._fed_until: float | None = None  # stream time up to which audio was received
         self._committed: list[TimedText] = []
-        self._lock = threading.Lock()  # guards the state above between source and helper threads
+        self._lock = threading.Condition()  # guards the state above between source, helper and worker
         self._job: threading.Thread | None = None
+        self._done_until = float("-inf")  # stream time up to which audio has been transcribed
 
     def annotate(self, window: Window, final: bool = False) -> Window:
         """Feed the window's new audio, transcribe when due (or all of it when final)."""
@@ -100,6 +101,11 @@ class SpeechTracker:
                 self._job = threading.Thread(target=self._run, name="asr", daemon=True)
                 self._job.start()
         return dataclasses.replace(window, transcript=self.text_between(window.start, window.end))
+
+    def wait_for(self, t: float, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until audio up to stream time ``t`` is transcribed."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._done_until >= t, timeout=max(0.0, timeout_s))
 
     def text_between(self, start: float, end: float) -> str:
         with self._lock:
@@ -165,6 +171,8 @@ class SpeechTracker:
             self._committed.extend(segments)
             horizon = self._pending_t0 - KEEP_SEGMENTS_S
             self._committed = [s for s in self._committed if s.end >= horizon]
+            self._done_until = max(self._done_until, t0 + audio.size / self.sample_rate)
+            self._lock.notify_all()
 
 
 def describe(tracker: SpeechTracker | None) -> dict[str, Any]:
