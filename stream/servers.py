@@ -57,6 +57,17 @@ def redis_binary() -> str:
     return str(get_binary_path())
 
 
+def make_self_signed(folder: Path) -> None:
+    """A self-signed certificate for 127.0.0.1 (cert.pem, key.pem) made by openssl, for TLS tests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "cert.pem").exists():
+        return
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem"),
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+
+
 def rtsp_available(python: str = SYSTEM_PYTHON) -> bool:
     """Whether GStreamer's RTSP server bindings import under the system Python."""
     if not Path(python).exists():
@@ -124,15 +135,25 @@ class _Process:
 
 class RedisServer(_Process):
     def __init__(self, port: int | None = None, password: str | None = None, binary: str | None = None,
-                 persist_dir: str | Path | None = None):
-        """persist_dir: keep data across stop/start (append-only file, fsync always) in that folder."""
+                 persist_dir: str | Path | None = None, tls_dir: str | Path | None = None):
+        """persist_dir: keep data across stop/start (append-only file, fsync always) in that folder.
+        tls_dir: serve TLS only (``rediss://``) with a self-signed certificate made there by openssl."""
         super().__init__(port)
         self.password = password
         self.binary = binary or redis_binary()
         self.persist_dir = persist_dir
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        if self.tls_dir:
+            make_self_signed(self.tls_dir)
 
     def _command(self) -> list[str]:
-        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        if self.tls_dir:
+            cert, key = self.tls_dir / "cert.pem", self.tls_dir / "key.pem"
+            cmd = [self.binary, "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                   "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+        else:
+            cmd = [self.binary, "--port", str(self.port)]
+        cmd += ["--bind", "127.0.0.1", "--save", ""]
         if self.persist_dir:
             cmd += ["--dir", str(self.persist_dir), "--appendonly", "yes", "--appendfsync", "always"]
         else:
@@ -142,6 +163,8 @@ class RedisServer(_Process):
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls_dir:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls_dir / 'cert.pem'}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
 

@@ -87,6 +87,18 @@ def test_password_url(tmp_path, stream_media):
         assert summary["spool_pending"] > 0  # refused by Redis: kept on disk, not lost
 
 
+def test_tls_url(tmp_path, stream_media):
+    """rediss:// against a redis-server that speaks TLS only, with a self-signed certificate."""
+    with RedisServer(tls_dir=tmp_path / "tls", password="tls-pw") as server:
+        assert server.url.startswith("rediss://")
+        summary = make_pipeline([parse_source(str(stream_media["av"]), "cam")], stream_cfg(tmp_path), server.url).run()
+        assert summary["spool_pending"] == 0
+        assert len(read_stream(server.url)) == summary["events"]["cam"] > 0
+        plain = server.url.replace("rediss://", "redis://").split("?")[0]
+        refused = make_pipeline([parse_source(str(stream_media["av"]), "cam2")], stream_cfg(tmp_path / "b"), plain).run()
+        assert refused["spool_pending"] > 0  # plain TCP cannot talk to the TLS port: spooled, not lost
+
+
 def test_corrupt_source_errors_while_other_keeps_publishing(tmp_path, stream_media, redis_server):
     sources = [parse_source(str(stream_media["corrupt"]), "bad"), parse_source(str(stream_media["av"]), "good")]
     pipeline = make_pipeline(sources, stream_cfg(tmp_path), redis_server.url)
