@@ -102,7 +102,7 @@ class StreamConfig:
     asr_compute_type: str = "int8"
     asr_step_s: float = 3.0
     asr_background: bool = True
-    asr_wait_s: float = 0.5
+    asr_wait_s: float = 0.0
     realtime: bool = True
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
