@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ class RunMeta:
             "format_version": FORMAT_VERSION,
             "dims": json.loads(self.dims.to_json()),
             "persons": list(self.persons),
-            "features": asdict(self.features),
+            "features": self.features.to_dict(),
             "extra": self.extra,
         }
 
@@ -49,11 +49,10 @@ class RunMeta:
     def from_json(cls, data: dict[str, Any]) -> "RunMeta":
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"unsupported checkpoint format_version {data.get('format_version')!r}")
-        feats = {k: tuple(v) if isinstance(v, list) else v for k, v in data["features"].items()}
         return cls(
             dims=ModelDims.from_json(json.dumps(data["dims"])),
             persons=tuple(data["persons"]),
-            features=FeatureParams(**feats),
+            features=FeatureParams.from_dict(data["features"]),
             extra=dict(data.get("extra", {})),
         )
 

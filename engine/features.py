@@ -53,11 +53,9 @@ class FeatureParams:
     @classmethod
     def from_config(cls, cfg: Any) -> "FeatureParams":
         """Build from a ``Config`` (its [features] and [prepare] sections)."""
-        f, p = cfg.features, cfg.prepare
+        p = cfg.prepare
         return cls(
-            sample_rate=f.sample_rate, n_mels=f.n_mels, n_fft=f.n_fft, hop_length=f.hop_length,
-            chunk_frames=f.chunk_frames, max_chunks=f.max_chunks, max_frames=f.max_frames,
-            max_tokens=f.max_tokens, face_mean=tuple(f.face_mean), face_std=tuple(f.face_std),
+            **dataclasses.asdict(cfg.features),  # every [features] key is a feature parameter
             face_size=p.face_size, face_margin=p.face_margin, img_interval_ms=p.img_interval_ms,
             keep_fallback_frames=p.keep_fallback_frames,
         )

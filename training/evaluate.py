@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.checkpoint import load_checkpoint
 from engine.config import Config
@@ -121,7 +120,6 @@ def plot_curves(run: Path) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     summary = evaluate_run(args.run, args.data, args.split, cfg, args.protocol, args.device)
     if args.json:
         print(json.dumps(summary))

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.checkpoint import RunMeta, load_meta, save_checkpoint
+from engine.checkpoint import RunMeta, save_checkpoint
 from engine.config import Config
 from engine.dims import ModelDims, preset_dims
 from engine.features import Batch, FeatureParams, Tokenizer, collate
@@ -271,6 +271,3 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
     (job.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
-
-def load_run_meta(run: Path) -> RunMeta:
-    return load_meta(run)
