@@ -135,7 +135,7 @@ def main() -> None:
     from engine.bench import TRANSCRIPTS, Stream
     from engine.features import FeatureParams
 
-    stream = Stream.make(20, FeatureParams())
+    stream = Stream.make(FeatureParams())
     for row in bench(stream.frames, stream.audio, list(TRANSCRIPTS), args.threads, [int(b) for b in args.batches.split(",")]):
         print(json.dumps(row) if args.json else row, flush=True)
 

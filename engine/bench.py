@@ -37,6 +37,7 @@ BENCH_PERSONS = 10
 WINDOW_S, HOP_S = 3.0, 1.0
 FRAME_SIZE = 224  # pixels: the speaker's centre crop that MTCNN searches
 BATCHES = (1, 8, 32)
+DEFAULT_RUN_BUDGET = (0.5, 0.5, 0.5)  # sparse random runs: the budget the paper-preset export calibrates to
 TRANSCRIPTS = (  # ~12 words: what a 3 s window of speech holds
     "i told you already that i was not going to the party tonight",
     "well maybe we should just call them and ask what they think about it",
@@ -83,6 +84,31 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
                          source=f"random weights, preset {preset}")
 
 
+def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS,
+               sparse_budget: tuple[float, ...] | None = None, seed: int = 0) -> Path:
+    """A random-weight run folder of ``preset`` (weights + model.json + tokenizer): what the
+    torch backends load, without the ONNX export (reused when already there)."""
+    import dataclasses
+
+    from engine.checkpoint import RunMeta, save_checkpoint
+    from engine.dims import preset_dims
+    from engine.features import FeatureParams
+    from engine.model import build_model
+
+    if (out / "model.json").exists():
+        return out
+    dims = preset_dims(preset, name, n_persons)
+    if name == "mme2e_sparse" and sparse_budget:
+        dims = dataclasses.replace(dims, sparse_budget=tuple(sparse_budget))
+    torch.manual_seed(seed)
+    model = build_model(dims).eval()
+    tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
+    meta = RunMeta(dims=dims, persons=tuple(f"person{i}" for i in range(n_persons)), features=FeatureParams(),
+                   extra={"source": f"random weights, preset {preset}"})
+    save_checkpoint(out, model, meta, tokenizer)
+    return out
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -123,7 +149,10 @@ def _video_frames(path: Path, n: int) -> list[np.ndarray]:
 
 @dataclass
 class Stream:
-    """A simulated source: frames every frame_s seconds, 16 kHz audio, a transcript per window."""
+    """A simulated endless source: a frame every frame_s seconds, 16 kHz audio, a
+    transcript per window. Frames and audio repeat with a period of ``len(frames)``
+    frames / ``len(audio)`` samples (pools, so that long runs need no more memory);
+    frame indices keep growing, so every sampled frame is a new detection."""
 
     frames: list[np.ndarray]
     audio: np.ndarray
@@ -131,34 +160,38 @@ class Stream:
     sample_rate: int
 
     @classmethod
-    def make(cls, n_windows: int, params, corpus: Path | None = None) -> "Stream":
+    def make(cls, params, corpus: Path | None = None, pool_s: float = 60.0) -> "Stream":
         frame_s = params.img_interval_ms / 1000.0
-        seconds = WINDOW_S + HOP_S * n_windows
         rng = np.random.default_rng(1)
-        t = np.arange(int(seconds * params.sample_rate)) / params.sample_rate
+        t = np.arange(int(pool_s * params.sample_rate)) / params.sample_rate
         audio = (0.1 * np.sin(2 * np.pi * 140 * t * (1 + 0.1 * np.sin(3 * t))) + 0.02 * rng.standard_normal(t.shape))
-        return cls(stream_frames(int(seconds / frame_s) + 1, corpus), audio.astype(np.float32), frame_s, params.sample_rate)
+        return cls(stream_frames(int(pool_s / frame_s), corpus), audio.astype(np.float32), frame_s, params.sample_rate)
+
+    def frame(self, i: int) -> np.ndarray:
+        return self.frames[i % len(self.frames)]
 
     def window(self, w: int) -> tuple[range, np.ndarray, str]:
         """Frame indices, audio and transcript of window w."""
         first = int(round(w * HOP_S / self.frame_s))
         frames = range(first, first + int(round(WINDOW_S / self.frame_s)))
         a = int(w * HOP_S * self.sample_rate)
-        return frames, self.audio[a: a + int(WINDOW_S * self.sample_rate)], TRANSCRIPTS[w % len(TRANSCRIPTS)]
+        audio = self.audio.take(np.arange(a, a + int(WINDOW_S * self.sample_rate)), mode="wrap")
+        return frames, audio, TRANSCRIPTS[w % len(TRANSCRIPTS)]
 
 
 class FaceCache:
     """Crops of sampled frames, detected once each (the sharing across overlapping windows)."""
 
-    def __init__(self, stream: Stream, params):
-        self.stream, self.params, self.crops = stream, params, {}
+    def __init__(self, stream: Stream, params, device: str = "cpu"):
+        self.stream, self.params, self.device, self.crops = stream, params, device, {}
 
     def get(self, indices: range) -> tuple[np.ndarray, np.ndarray]:
         from engine.faces import crop_faces
 
         new = [i for i in indices if i not in self.crops]
         if new:
-            crops, found, _ = crop_faces([self.stream.frames[i] for i in new], self.params.face_size, self.params.face_margin)
+            crops, found, _ = crop_faces([self.stream.frame(i) for i in new], self.params.face_size,
+                                         self.params.face_margin, self.device)
             self.crops.update({i: (c, f) for i, c, f in zip(new, crops, found)})
         for i in [i for i in self.crops if i < indices.start]:
             del self.crops[i]  # frames no later window uses
@@ -224,7 +257,7 @@ def summarise(times: list[float], batch: int) -> dict:
 
 def bench_model(engine, stream: Stream, batch: int, iters: int) -> dict:
     """Backend forward only, on collated windows (features computed once, outside the timing)."""
-    cache = FaceCache(stream, engine.feature_params)
+    cache = FaceCache(stream, engine.feature_params, engine.backend.device)
     windows = []
     for w in range(batch):
         frames, audio, text = stream.window(w)
@@ -239,7 +272,7 @@ def bench_model(engine, stream: Stream, batch: int, iters: int) -> dict:
 def bench_window(engine, stream: Stream, batch: int, iters: int) -> dict:
     """Whole windows in stream order: new frames detected (cache), features, collate, forward."""
     params = engine.feature_params
-    cache = FaceCache(stream, params)
+    cache = FaceCache(stream, params, engine.backend.device)
     cache.get(stream.window(0)[0])  # steady state: the first window's earlier frames are already seen
     state = {"w": 0}
 
@@ -270,7 +303,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", type=Path, nargs="+", help="engine folders to benchmark")
     parser.add_argument("--preset", choices=["tiny", "default", "paper"], help="build random-weight engines of this preset")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
-    parser.add_argument("--backends", default="", help="comma list among torch,onnx,onnx-int8,tensorrt (default: all available)")
+    parser.add_argument("--backends", default="", help="comma list among torch, torch-cuda, torch-cuda-graphs (CUDA "
+                        "graphs + fp16), onnx, onnx-int8, tensorrt (default: all available)")
     parser.add_argument("--scopes", default="model,window", help="comma list among model,window")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the targets are for 2)")
@@ -282,10 +316,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
 
 
+TORCH_BACKENDS = ("torch", "torch-cuda", "torch-cuda-graphs")
+
+
 def available_backends(info: dict) -> list[str]:
-    out = ["torch", "onnx"] + (["onnx-int8"] if info.get("int8_graph") else [])
+    """Backends an engine (or run) folder can be timed with on this machine."""
+    out = ["torch"] + (["onnx"] if info.get("graph") else []) + (["onnx-int8"] if info.get("int8_graph") else [])
     if torch.cuda.is_available():
-        out.insert(1, "torch-cuda")
+        out[1:1] = ["torch-cuda", "torch-cuda-graphs"]
         if info.get("plan"):
             out.append("tensorrt")
     return out
@@ -296,6 +334,8 @@ def open_engine(path: Path, backend: str, threads: int):
 
     if backend == "torch-cuda":
         return Engine.load(path, "torch", threads, device="cuda")
+    if backend == "torch-cuda-graphs":
+        return Engine.load(path, "torch", threads, device="cuda", cuda_graphs=True, half=True)
     if backend == "onnx-int8":
         return Engine.load(path, "onnx", threads, int8="force")  # timed even where top-1 did not hold
     return Engine.load(path, backend, threads, device="cpu" if backend == "torch" else None)
@@ -304,39 +344,55 @@ def open_engine(path: Path, backend: str, threads: int):
 def run(args: argparse.Namespace, cfg) -> int:
     torch.set_num_threads(args.threads)
     engines = list(args.engine or [])
+    wanted = [b for b in args.backends.split(",") if b]
     if not engines:
         preset = args.preset or "tiny"
         budget = tuple(args.sparse_budget) if args.sparse_budget else None
+        torch_only = bool(wanted) and all(b in TORCH_BACKENDS for b in wanted)  # no ONNX export needed
         for name in ("mme2e", "mme2e_sparse"):
             tag = "" if budget is None or name == "mme2e" else "-" + "-".join(map(str, budget))
-            engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget))
+            if torch_only:
+                run_budget = budget or (DEFAULT_RUN_BUDGET if name == "mme2e_sparse" else None)
+                engines.append(random_run(preset, name, args.cache_dir / f"{preset}-{name}{tag}-run", sparse_budget=run_budget))
+            else:
+                engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget))
     batches = [int(b) for b in args.batches.split(",")]
     scopes = args.scopes.split(",")
     rows = []
     stream = None
     for path in engines:
-        info = json.loads((Path(path) / "engine.json").read_text())
-        backends = [b for b in available_backends(info) if not args.backends or b in args.backends.split(",")]
+        info = _folder_info(Path(path))
+        backends = [b for b in available_backends(info) if not wanted or b in wanted]
         for backend in backends:
             engine = open_engine(Path(path), backend, args.threads)
-            stream = stream or Stream.make(2 + 3 * max(batches) * 4, engine.feature_params, args.corpus)
+            stream = stream or Stream.make(engine.feature_params, args.corpus)
             for scope in scopes:
                 for batch in batches:
                     iters = args.iters or max(3, 20 // batch)
                     fn = bench_model if scope == "model" else bench_window
                     row = {"model": info["dims"]["name"], "backend": engine.backend_name, "device": engine.backend.device,
                            "scope": scope, "batch": batch, **fn(engine, stream, batch, iters),
-                           "gflops_per_window": round(info["flops_per_window"]["gflops"], 2),
+                           "gflops_per_window": round(info["flops_per_window"]["gflops"], 2) if "flops_per_window" in info else None,
                            "sparse_budget": info.get("sparse_budget"), "threads": args.threads, "engine": str(path)}
                     rows.append(row)
                     _emit(row, args.json)
     if args.peer:
-        for row in peer_rows(stream or Stream.make(40, _params(), args.corpus), args.threads, batches):
+        for row in peer_rows(stream or Stream.make(_params(), args.corpus), args.threads, batches):
             rows.append(row)
             _emit(row, args.json)
     if not args.no_write:
         write_markdown(rows, Path("BENCHMARKS.md"))
     return 0
+
+
+def _folder_info(path: Path) -> dict:
+    """engine.json of an engine folder; for a run folder, its dims and no graphs."""
+    if (path / "engine.json").exists():
+        return json.loads((path / "engine.json").read_text())
+    from engine.checkpoint import load_meta
+
+    dims = load_meta(path).dims
+    return {"dims": json.loads(dims.to_json()), "sparse_budget": list(dims.sparse_budget) or None, "run": True}
 
 
 def _params():

@@ -70,8 +70,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 40
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 0.0
     text_lr: float = 5e-5
+    warmup_steps: int = 50
     weight_decay: float = 1e-4
     clip_grad: float = 10.0
     loss: Literal["ce", "bce"] = "ce"

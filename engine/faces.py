@@ -20,9 +20,9 @@ FACE_MARGIN = 2  # pixels of margin in the final crop (facenet-pytorch conventio
 DETECT_BATCH = 32  # frames per MTCNN call when frames share a size
 
 
-@functools.lru_cache(maxsize=2)
-def load_mtcnn(image_size: int = FACE_SIZE, margin: int = FACE_MARGIN):
-    """The MTCNN detector, created once per process (weights ship in the wheel)."""
+@functools.lru_cache(maxsize=4)
+def load_mtcnn(image_size: int = FACE_SIZE, margin: int = FACE_MARGIN, device: str = "cpu"):
+    """The MTCNN detector, created once per process and device (weights ship in the wheel)."""
     try:
         from facenet_pytorch import MTCNN
     except ImportError as exc:
@@ -32,7 +32,7 @@ def load_mtcnn(image_size: int = FACE_SIZE, margin: int = FACE_MARGIN):
         ) from exc
     return MTCNN(
         image_size=image_size, margin=margin, post_process=False,
-        select_largest=True, keep_all=False, device="cpu",
+        select_largest=True, keep_all=False, device=device,
     )
 
 
@@ -89,17 +89,17 @@ def _detect(frames: list[np.ndarray], mtcnn) -> list[np.ndarray | None]:
 
 
 def crop_faces(
-    frames: Sequence[np.ndarray], size: int = FACE_SIZE, margin: int = FACE_MARGIN
+    frames: Sequence[np.ndarray], size: int = FACE_SIZE, margin: int = FACE_MARGIN, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RGB uint8 frames (H, W, 3) -> (crops uint8 (F, size, size, 3), found bool (F,),
-    boxes float32 (F, 4) with NaN where no face was found)."""
+    boxes float32 (F, 4) with NaN where no face was found). ``device``: where MTCNN runs."""
     frames = [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
     crops = np.zeros((len(frames), size, size, 3), dtype=np.uint8)
     found = np.zeros(len(frames), dtype=bool)
     boxes = np.full((len(frames), 4), np.nan, dtype=np.float32)
     if not frames:
         return crops, found, boxes
-    for k, (frame, box) in enumerate(zip(frames, _detect(frames, load_mtcnn(size, margin)))):
+    for k, (frame, box) in enumerate(zip(frames, _detect(frames, load_mtcnn(size, margin, device)))):
         if box is None:
             crops[k] = centre_crop(frame, size)
         else:

@@ -10,9 +10,9 @@ docs/ARCHITECTURE.md for the contract:
 A modality is present for a sample when its mask has any True. Absent
 modalities (and padded frames) are zeroed at the input, their logits are
 zero and they get no weight in the late fusion, so whatever values they hold
-cannot change the prediction. CNNs run over all B*F frames, padding included
-(in training, padded frames therefore enter the dense BatchNorm statistics;
-the sparse layers exclude them).
+cannot change the prediction. CNNs run over the real frames only (gathered
+from the B*F grid and scattered back), so padding costs no convolution and
+never enters the BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ class _MME2EBase(nn.Module):
         self.audio_out = nn.Linear(dims.trans_dim, dims.n_persons)
         self.visual_out = nn.Linear(dims.trans_dim, dims.n_persons)
         self.fusion = nn.Parameter(torch.zeros(N_MODALITIES))  # softmax over present modalities
+        # True: CNNs see real frames only (data-dependent shapes). False: every padded
+        # frame too (static shapes, for CUDA graphs); same outputs in eval mode.
+        self.gather_real_frames = True
 
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
         """x (N, Cin, H, W), mask (N,), guide (N, text_hidden) -> (N, flat)."""
@@ -104,10 +107,28 @@ class _MME2EBase(nn.Module):
         x, mask = _at_least_one_frame(x, mask)
         B, F = mask.shape
         x = torch.where(mask[:, :, None, None, None], x, torch.zeros_like(x))  # padding/absent -> zeros
+        flat_mask = mask.reshape(B * F)
+        if not self.gather_real_frames:  # static shapes (CUDA graphs): every frame through the CNN
+            feats = self.frame_features(modality, x.reshape(B * F, *x.shape[2:]), flat_mask,
+                                        text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1))
+            return self._sequence(modality, feats.reshape(B, F, -1), mask)
+        # The CNN runs on real frames only, plus one extra row (a copy of frame 0, marked
+        # not real) so that it never sees an empty batch; padded frames take that row's
+        # features, which the transformer masks out.
+        real = flat_mask.nonzero().reshape(-1)  # (N,) indices of real frames
+        rows = torch.cat([real, real.new_zeros(1)])  # (N+1,)
+        row_mask = torch.cat([flat_mask.index_select(0, real), flat_mask.new_zeros(1)])  # (N+1,)
+        position = torch.where(flat_mask, flat_mask.long().cumsum(0) - 1, real.shape[0])  # (B*F,) row per frame
         guide = text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1)  # (B*F, G)
-        feats = self.frame_features(modality, x.reshape(B * F, *x.shape[2:]), mask.reshape(B * F), guide)
+        frames = x.reshape(B * F, *x.shape[2:]).index_select(0, rows)  # (N+1, Cin, H, W)
+        feats = self.frame_features(modality, frames, row_mask, guide.index_select(0, rows))
+        feats = feats.index_select(0, position)  # (B*F, flat)
+        return self._sequence(modality, feats.reshape(B, F, -1), mask)
+
+    def _sequence(self, modality: str, feats: Tensor, mask: Tensor) -> Tensor:
+        """feats (B, F, flat), mask (B, F) -> CLS (B, trans_dim)."""
         seq = self.audio_seq if modality == "audio" else self.visual_seq
-        return seq(feats.reshape(B, F, -1), mask)
+        return seq(feats, mask)
 
     def text_guide(self, text_cls: Tensor, text_present: Tensor) -> Tensor:
         return text_cls
@@ -209,7 +230,7 @@ class MME2ESparse(_MME2EBase):
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
         feats, kept = cnn(x, mask, guide, self.dims.sparse_threshold, self.sparse_budget)
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or (feats.is_cuda and torch.cuda.is_current_stream_capturing())):
             positions = torch.tensor([h * w for h, w, _, _ in self.sparse_grids(modality)], device=kept.device)
             frames = mask.float().sum().clamp(min=1.0)
             self.last_active_fractions[modality] = ((kept / positions) * mask[:, None]).sum(0).detach() / frames

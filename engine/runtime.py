@@ -87,8 +87,10 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int = 0, *, int8: bool | str = False,
-             device: str | None = None, compile: bool = False) -> "Engine":
-        """Load an engine folder (``mmid export``) or a run folder (torch backend)."""
+             device: str | None = None, compile: bool = False, cuda_graphs: bool = False,
+             half: bool = False) -> "Engine":
+        """Load an engine folder (``mmid export``) or a run folder (torch backend).
+        ``compile``, ``cuda_graphs`` and ``half`` (fp16 autocast) apply to the torch backend."""
         path = Path(path)
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend={backend!r}: expected 'auto' or one of {BACKENDS}")
@@ -106,7 +108,7 @@ class Engine:
         else:
             raise FileNotFoundError(f"{path} is neither an engine folder ({ENGINE_FILE}) nor a run folder (model.json)")
         choice = _choose_backend(path, info, backend, device)
-        impl = _open_backend(choice, path, info, dims, threads, int8, device, compile)
+        impl = _open_backend(choice, path, info, dims, threads, int8, device, compile, cuda_graphs, half)
         log.info("engine %s: backend %s on %s (asked: %s)", path, impl.name, impl.device, backend)
         tokenizer = Tokenizer(path / "tokenizer.json", max_tokens=params.max_tokens)
         return cls(impl, dims, persons, params, tokenizer, info)
@@ -160,7 +162,7 @@ def _choose_backend(path: Path, info: dict, backend: str, device: str | None) ->
 
 
 def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads: int, int8: bool | str,
-                  device: str | None, compile: bool) -> Backend:
+                  device: str | None, compile: bool, cuda_graphs: bool = False, half: bool = False) -> Backend:
     if choice == "onnx":
         from engine.backends.onnx_backend import OnnxBackend
 
@@ -181,10 +183,12 @@ def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads:
         if not info.get("plan") or not (path / info["plan"]).exists():
             raise ValueError(f"{path} has no TensorRT plan: export with --backend tensorrt on a machine with TensorRT")
         return TensorRTBackend(path / info["plan"])
-    return _torch_backend(path, info, dims, threads, device or ("cuda" if _cuda_available() else "cpu"), compile)
+    return _torch_backend(path, info, dims, threads, device or ("cuda" if _cuda_available() else "cpu"), compile,
+                          cuda_graphs, half)
 
 
-def _torch_backend(path: Path, info: dict, dims: ModelDims, threads: int, device: str, compile: bool) -> Backend:
+def _torch_backend(path: Path, info: dict, dims: ModelDims, threads: int, device: str, compile: bool,
+                   cuda_graphs: bool = False, half: bool = False) -> Backend:
     from safetensors.torch import load_file
 
     from engine.backends.torch_backend import TorchBackend
@@ -194,4 +198,4 @@ def _torch_backend(path: Path, info: dict, dims: ModelDims, threads: int, device
     model.load_state_dict(load_file(str(path / info.get("weights", "model.safetensors"))), strict=True)
     if info.get("sparse_budget") and hasattr(model, "set_sparse_budget"):
         model.set_sparse_budget(info["sparse_budget"])  # serve exactly what was exported
-    return TorchBackend(model, device=device, compile=compile, threads=threads)
+    return TorchBackend(model, device=device, compile=compile, threads=threads, cuda_graphs=cuda_graphs, half=half)

@@ -102,7 +102,8 @@ class SubmanifoldConv3x3(nn.Module):
         K, cin = rows.shape
         w2 = sites.w + 2
         grid = rows.new_zeros(sites.n * (sites.h + 2) * w2, cin).index_put((index,), rows)  # (N*(H+2)*(W+2), Cin)
-        offsets = torch.tensor([dy * w2 + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=rows.device)  # (9,)
+        step = torch.arange(-1, 2, device=rows.device)  # (3,) built on the device: no host copy (CUDA graphs)
+        offsets = (step[:, None] * w2 + step[None, :]).reshape(9)  # (9,) dy * (W+2) + dx
         neighbours = grid[index[:, None] + offsets[None, :]]  # (K, 9, Cin)
         weight = self.weight.permute(2, 3, 1, 0).reshape(9 * cin, -1)  # (9*Cin, Cout)
         return neighbours.reshape(K, 9 * cin) @ weight  # (K, Cout)

@@ -89,6 +89,34 @@ def test_batch_equals_single_samples(tiny_model):
             torch.testing.assert_close(together.embedding[i], alone.embedding[0], atol=1e-4, rtol=1e-4)
 
 
+def test_padded_frames_skip_the_cnn_without_changing_outputs(tiny_model):
+    """Real-frames-only CNNs (the default) == every frame through the CNNs (the static
+    path CUDA graphs use), in eval mode; and in training, padded frames stay out of BatchNorm."""
+    if isinstance(tiny_model, MME2ESparse):
+        tiny_model.set_sparse_budget([0.5, 0.5, 0.5])  # the static path needs a fixed budget
+    tiny_model.eval()
+    lengths = [(3, 5, 7), (1, 2, 3), (0, 1, 5), (2, 0, 1)]
+    batch = make_batch(lengths, seed=2)
+    with torch.no_grad():
+        gathered = tiny_model(*batch)
+        tiny_model.gather_real_frames = False
+        full = tiny_model(*batch)
+    tiny_model.gather_real_frames = True
+    torch.testing.assert_close(gathered.logits, full.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gathered.embedding, full.embedding, atol=1e-4, rtol=1e-4)
+    if isinstance(tiny_model, MME2E):  # dense BN: statistics of a padded batch == of its real frames alone
+        bn = tiny_model.visual_cnn[0][0][1]
+        tiny_model.train()
+        tiny_model(*batch)
+        padded_mean = bn.running_mean.clone()
+        bn.reset_running_stats()
+        real = torch.cat([batch[0][i, :f] for i, (f, _, _) in enumerate(lengths)])  # (6, 3, 48, 48)
+        real = torch.cat([real, batch[0][0, :1]])  # + the CNN's one extra row, a copy of frame 0
+        bn.train()
+        tiny_model.visual_cnn[0][0](real)
+        torch.testing.assert_close(padded_mean, bn.running_mean, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("absent", [0, 1, 2])  # text, audio, visual
 def test_missing_modality_is_ignored(tiny_model, absent):
     """A modality whose mask is all False gives finite logits that its tensor cannot change."""

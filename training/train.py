@@ -33,6 +33,10 @@ from training.metrics import accuracy, macro_f1
 from training.textprep import text_model_dir, train_wordpiece
 
 LAST = "last"  # sub-folder holding the resumable state of the latest epoch
+# Learning rate of everything but the text encoder when train.lr is 0: the tiny CNNs
+# learn fastest at 2e-3; the paper-size ones (11 convs, 4-layer post-LN transformers)
+# do not learn at all at 2e-3 and need ~3e-4 with warm-up (BENCHMARKS.md, Training).
+PRESET_LR = {"tiny": 2e-3, "default": 3e-4, "paper": 3e-4}
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,20 @@ def build_dims(job: TrainJob, cfg: Config, n_persons: int, learned_vocab: int) -
     """Preset dims; ``learned_vocab`` > 0 when the tokenizer was learned from the data."""
     return preset_dims(job.preset, job.model, n_persons, cfg.model.text_model, text_vocab=learned_vocab,
                        sparse_threshold=cfg.model.sparse_threshold)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, step: int) -> None:
+    """Linear warm-up of every group's ``base_lr`` over ``warmup_steps`` optimizer steps,
+    then constant. A function of the global step alone, so a resumed run continues
+    the same schedule."""
+    scale = min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps > 0 else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * scale
+
+
+def base_learning_rate(cfg: Config, preset: str) -> float:
+    """``train.lr``, or the preset's own when it is 0."""
+    return cfg.train.lr if cfg.train.lr > 0 else PRESET_LR[preset]
 
 
 def hide_modalities(batch: Batch, p: float, gen: torch.Generator) -> Batch:
@@ -189,10 +207,11 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
     last = job.out / LAST
     resuming = job.resume and (last / "state.json").exists()
     model = build_model(dims, text_weights_dir=None if resuming else text_dir).to(device)
+    lr = base_learning_rate(cfg, job.preset)
     text_params = [p for n, p in model.named_parameters() if n.startswith("text.")]
     other = [p for n, p in model.named_parameters() if not n.startswith("text.")]
     optimizer = torch.optim.Adam(
-        [{"params": other, "lr": cfg.train.lr}, {"params": text_params, "lr": cfg.train.text_lr}],
+        [{"params": other, "lr": lr, "base_lr": lr}, {"params": text_params, "lr": cfg.train.text_lr, "base_lr": cfg.train.text_lr}],
         weight_decay=cfg.train.weight_decay,
     )
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0}
@@ -223,7 +242,8 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         loader = make_loader(train_ds, cfg, shuffle=True, seed=cfg.train.seed * 1000 + epoch)
         model.train()
         total, count = 0.0, 0
-        for batch, labels in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=None):
+        for step, (batch, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
+            set_learning_rates(optimizer, cfg, (epoch - 1) * len(loader) + step)
             batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
             out = model(*batch.model_inputs())
             loss = loss_fn(out, labels.to(device), cfg)
