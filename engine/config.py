@@ -78,6 +78,7 @@ class TrainConfig:
     loss: Literal["ce", "bce"] = "ce"
     aux_loss_weight: float = 0.5
     modality_dropout: float = 0.2
+    sparse_entropy_weight: float = -1.0
     patience: int = 10
     split: Literal["dialog", "utterance"] = "dialog"
     seed: int = 0

@@ -94,8 +94,9 @@ class _MME2EBase(nn.Module):
         self.audio_out = nn.Linear(dims.trans_dim, dims.n_persons)
         self.visual_out = nn.Linear(dims.trans_dim, dims.n_persons)
         self.fusion = nn.Parameter(torch.zeros(N_MODALITIES))  # softmax over present modalities
-        # True: CNNs see real frames only (data-dependent shapes). False: every padded
-        # frame too (static shapes, for CUDA graphs); same outputs in eval mode.
+        # True: CNNs see real frames only (data-dependent shapes: training, eager torch).
+        # False: every padded frame too (static shapes: ONNX export, CUDA graphs); the
+        # same outputs in eval mode.
         self.gather_real_frames = True
 
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
@@ -112,17 +113,16 @@ class _MME2EBase(nn.Module):
             feats = self.frame_features(modality, x.reshape(B * F, *x.shape[2:]), flat_mask,
                                         text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1))
             return self._sequence(modality, feats.reshape(B, F, -1), mask)
-        # The CNN runs on real frames only, plus one extra row (a copy of frame 0, marked
-        # not real) so that it never sees an empty batch; padded frames take that row's
-        # features, which the transformer masks out.
+        # The CNN runs on the N real frames only; padded and absent frames get zero
+        # features (the transformer masks them out). N may be 0: an empty CNN batch.
         real = flat_mask.nonzero().reshape(-1)  # (N,) indices of real frames
-        rows = torch.cat([real, real.new_zeros(1)])  # (N+1,)
-        row_mask = torch.cat([flat_mask.index_select(0, real), flat_mask.new_zeros(1)])  # (N+1,)
-        position = torch.where(flat_mask, flat_mask.long().cumsum(0) - 1, real.shape[0])  # (B*F,) row per frame
         guide = text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1)  # (B*F, G)
-        frames = x.reshape(B * F, *x.shape[2:]).index_select(0, rows)  # (N+1, Cin, H, W)
-        feats = self.frame_features(modality, frames, row_mask, guide.index_select(0, rows))
-        feats = feats.index_select(0, position)  # (B*F, flat)
+        frames = x.reshape(B * F, *x.shape[2:]).index_select(0, real)  # (N, Cin, H, W)
+        if self.training and real.numel() == 0:  # BatchNorm cannot train on an empty batch
+            feats = x.new_zeros(B * F, self.dims.flat_size(modality))
+        else:
+            feats = self.frame_features(modality, frames, flat_mask.index_select(0, real), guide.index_select(0, real))
+            feats = feats.new_zeros(B * F, feats.shape[1]).index_copy(0, real, feats)  # (B*F, flat)
         return self._sequence(modality, feats.reshape(B, F, -1), mask)
 
     def _sequence(self, modality: str, feats: Tensor, mask: Tensor) -> Tensor:
@@ -217,6 +217,13 @@ class MME2ESparse(_MME2EBase):
             if len(budget) != len(self.dims.stage_channels) or not all(0 < b <= 1 for b in budget):
                 raise ValueError(f"sparse budget {budget}: expected {len(self.dims.stage_channels)} fractions in (0, 1]")
         self.sparse_budget = budget
+
+    def attention_entropy(self) -> Tensor | None:
+        """Mean normalised attention entropy of every sparse stage in the last training
+        forward (None before one); the training loss may penalise it."""
+        values = [stage.last_entropy for cnn in (self.audio_cnn, self.visual_cnn) for stage in cnn.stages
+                  if stage.last_entropy is not None]
+        return torch.stack(values).mean() if values else None
 
     def sparse_grids(self, modality: str) -> list[tuple[int, int, int, int]]:
         """(H, W, Cin, Cout) of each sparse stage's input grid (for FLOPs counting)."""

@@ -88,6 +88,19 @@ def budget_count(fraction: float, positions: int) -> int:
     return max(1, min(positions, math.ceil(fraction * positions)))
 
 
+def attention_entropy(logp: Tensor, candidates: Tensor) -> Tensor:
+    """Mean normalised entropy of the attention over candidate sites: logp (N, P),
+    candidates (N, P) bool -> scalar in [0, 1] (1 = uniform over the candidates),
+    averaged over frames with at least two candidates. Differentiable; training can
+    penalise it so that the CDF rule keeps fewer sites."""
+    safe = torch.where(candidates, logp, torch.zeros_like(logp))  # -inf off candidates would give NaN gradients
+    h = -(safe.exp() * safe * candidates).sum(-1)  # (N,)
+    n = candidates.sum(-1).float()  # (N,)
+    counted = n > 1
+    normalised = torch.where(counted, h / n.clamp(min=2.0).log(), torch.zeros_like(h))
+    return normalised.sum() / counted.float().sum().clamp(min=1.0)
+
+
 class SubmanifoldConv3x3(nn.Module):
     """3x3 convolution, stride 1, evaluated only at active sites from active inputs.
     The weight has nn.Conv2d's layout (Cout, Cin, 3, 3); no bias (BatchNorm follows)."""
@@ -190,6 +203,7 @@ class SparseStage(nn.Module):
     def __init__(self, cin: int, cout: int, convs: int, guide_dim: int):
         super().__init__()
         self.attention = CrossModalAttention(cin, guide_dim, cin)
+        self.last_entropy: Tensor | None = None  # set by each training forward (attention_entropy)
         self.blocks = nn.ModuleList(SparseConvBlock(cin if i == 0 else cout, cout) for i in range(convs))
 
     def forward(self, x: Tensor, candidates: Tensor, guide: Tensor, threshold: float,
@@ -198,6 +212,8 @@ class SparseStage(nn.Module):
         (pooled map (N, Cout, H/2, W/2), its active sites (N, H/2, W/2), kept sites per frame (N,))."""
         N, C, H, W = x.shape
         logp, sites = select_sites(self.attention(x, guide), candidates.flatten(1), H, W, threshold, budget)
+        if self.training:
+            self.last_entropy = attention_entropy(logp, candidates.flatten(1))
         chosen = logp.flatten()[sites.flat]  # (K,)
         chosen = torch.where(sites.valid, chosen, torch.zeros_like(chosen))  # invalid sites may be -inf
         gate = torch.exp(chosen - chosen.detach())  # (K,) all ones

@@ -101,6 +101,8 @@ class EngineIdentifier:
     def __init__(self, engine: Engine, cfg: Config, info: ModelInfo | None = None,
                  cache_frames: int = FACE_CACHE_FRAMES):
         self.engine = engine
+        # MTCNN runs where the model does (a CUDA engine detects faces on the GPU too)
+        self.detect_device = "cuda" if getattr(engine.backend, "device", "cpu").startswith("cuda") else "cpu"
         self.params = engine.feature_params
         self.top_k = max(1, cfg.stream.top_k)
         self.info = info or model_info(engine)
@@ -121,7 +123,7 @@ class EngineIdentifier:
         """Load MTCNN and run the backend once, so the first live window does not pay for it."""
         size = self.params.face_size
         frame = np.zeros((2 * size, 2 * size, 3), np.uint8)
-        crops, found, _ = crop_faces([frame], size, self.params.face_margin)
+        crops, found, _ = crop_faces([frame], size, self.params.face_margin, self.detect_device)
         audio = np.zeros(self.params.sample_rate, np.float32)
         self.engine.identify_raw([(crops, np.ones_like(found), audio, "hello")])
 
@@ -164,7 +166,8 @@ class EngineIdentifier:
                 else:
                     known[k] = entry
         if todo:
-            crops, found, boxes = crop_faces(list(todo.values()), self.params.face_size, self.params.face_margin)
+            crops, found, boxes = crop_faces(list(todo.values()), self.params.face_size, self.params.face_margin,
+                                             self.detect_device)
             self.faces.detected += len(todo)
             for (k, frame), c, f, b in zip(todo.items(), crops, found, boxes):
                 known[k] = (c, bool(f), b)

@@ -78,7 +78,7 @@ def test_sparse_stage_cuda_equals_cpu_forward_and_backward(budget):
     results = []
     for device in ("cpu", "cuda"):
         s = copy.deepcopy(stage).to(device)
-        xi = x.to(device).requires_grad_(True)
+        xi = x.detach().to(device).requires_grad_(True)
         pooled, active, count = s(xi, candidates.to(device), guide.to(device), 0.8, budget)
         (pooled * torch.linspace(-1, 1, pooled.numel(), device=device).view_as(pooled)).sum().backward()
         grads = [p.grad.cpu() for p in s.parameters()]

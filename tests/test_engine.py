@@ -7,6 +7,8 @@ once per module (each takes tens of seconds).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -110,6 +112,19 @@ def test_absent_modality_reported(engines):
     out = Engine.load(folder, backend="onnx").run(random_batch(model.dims, 3, 4, 4, 6))
     assert not out["present"][0, 0] and not out["present"][1, 2]
     assert np.all(out["modality_logits"][0, 0] == 0) and np.all(out["modality_logits"][1, 2] == 0)
+
+
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+def test_batch_without_any_face_or_audio(engines, name):
+    """No real frame in the whole batch: the exported CNNs run on an empty batch."""
+    model, folder = engines[name]
+    batch = random_batch(model.dims, 3, 4, 4, 6, absent=False)
+    batch = dataclasses.replace(batch, face_mask=torch.zeros_like(batch.face_mask))
+    out = Engine.load(folder, backend="onnx").run(batch)
+    _assert_close(out, _reference(model, batch))
+    assert not out["present"][:, 2].any() and out["present"][:, :2].all()
+    batch = dataclasses.replace(batch, audio_mask=torch.zeros_like(batch.audio_mask))
+    _assert_close(Engine.load(folder, backend="onnx").run(batch), _reference(model, batch))
 
 
 @pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])

@@ -13,6 +13,7 @@ from engine.sparse import (
     SparseStage,
     Sites,
     SubmanifoldConv3x3,
+    attention_entropy,
     budget_count,
     cdf_keep,
     select_sites,
@@ -154,3 +155,18 @@ def test_stage_trains_attention_and_respects_candidates(budget):
     pooled.sum().backward()
     grad = stage.attention.score.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_attention_entropy_is_normalised_and_differentiable():
+    candidates = torch.tensor([[True, True, True, True, False, False],
+                               [True, False, False, False, False, False],  # one candidate: not counted
+                               [True, True, False, False, False, False]])
+    uniform = torch.where(candidates, torch.zeros(3, 6), torch.full((3, 6), float("-inf")))
+    logp = uniform.log_softmax(-1)
+    assert attention_entropy(logp, candidates).item() == pytest.approx(1.0)
+    logits = torch.tensor([[9.0, -9, -9, -9, 0, 0], [0.0] * 6, [-9.0, 9, 0, 0, 0, 0]], requires_grad=True)
+    masked = logits.masked_fill(~candidates, float("-inf")).log_softmax(-1)
+    value = attention_entropy(masked, candidates)
+    assert value.item() < 0.01  # nearly one-hot on the counted rows
+    value.backward()
+    assert torch.isfinite(logits.grad).all()  # no NaN from the -inf entries

@@ -55,12 +55,17 @@ def export_onnx(model: torch.nn.Module, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
-        program = torch.onnx.export(
-            model, example_inputs(model), dynamo=True, dynamic_shapes=dynamic_shapes(model),
-            input_names=list(INPUT_NAMES), output_names=list(GRAPH_OUTPUT_NAMES), optimize=True, verbose=False,
-        )
-        program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    gather = getattr(model, "gather_real_frames", False)
+    model.gather_real_frames = False  # static shapes: every frame through the CNNs (an empty CNN batch cannot export)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+            program = torch.onnx.export(
+                model, example_inputs(model), dynamo=True, dynamic_shapes=dynamic_shapes(model),
+                input_names=list(INPUT_NAMES), output_names=list(GRAPH_OUTPUT_NAMES), optimize=True, verbose=False,
+            )
+            program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    finally:
+        model.gather_real_frames = gather
     return path
 
 

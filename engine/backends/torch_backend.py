@@ -4,7 +4,7 @@ CPU or CUDA; eager, ``torch.compile``d (``compile=True``; dynamic shapes, so a
 new batch size or frame count does not recompile each time), or on CUDA replayed
 from CUDA graphs (``cuda_graphs=True``: one graph per input shape, captured on
 first sight of that shape; launch overhead is most of a small batch's time).
-``half=True`` on CUDA runs under fp16 autocast (outputs stay float32).
+``half=True`` on CUDA runs under fp16 autocast; ``run`` returns float32 arrays either way.
 """
 
 from __future__ import annotations
