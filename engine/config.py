@@ -80,6 +80,7 @@ class TrainConfig:
     modality_dropout: float = 0.2
     sparse_entropy_weight: float = -1.0
     patience: int = 10
+    early_stop: Literal["f1_loss", "f1"] = "f1_loss"
     split: Literal["dialog", "utterance"] = "dialog"
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"

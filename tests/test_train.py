@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from engine.checkpoint import load_checkpoint
+from engine.config import load_config
 from engine.cli import main as mmid
 from engine.features import Tokenizer, collate
 from training.dataset import PreparedDataset, read_split
@@ -35,6 +36,15 @@ def test_tiny_preset_reaches_90_percent(name, tiny_runs, prepared_tiny, capsys):
     assert (tiny_runs[name] / "training_curves.png").stat().st_size > 0
     rows = [json.loads(x) for x in (tiny_runs[name] / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+    # early stopping (early_stop = "f1_loss"): the run ends `patience` epochs after the last
+    # kept checkpoint (higher macro-F1, or equal with a lower validation loss), or at `epochs`
+    train_cfg = load_config(None).train
+    assert train_cfg.early_stop == "f1_loss"
+    best, last_kept = (-1.0, float("inf")), 0
+    for r in rows:
+        if r["valid_macro_f1"] > best[0] or (r["valid_macro_f1"] == best[0] and r["valid_loss"] < best[1]):
+            best, last_kept = (r["valid_macro_f1"], r["valid_loss"]), r["epoch"]
+    assert len(rows) == min(train_cfg.epochs, last_kept + train_cfg.patience)
 
 
 def test_checkpoint_is_pickle_free_and_round_trips(tiny_runs, prepared_tiny, monkeypatch):
