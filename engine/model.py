@@ -219,10 +219,14 @@ class MME2ESparse(_MME2EBase):
         self.sparse_budget = budget
 
     def attention_entropy(self) -> Tensor | None:
-        """Mean normalised attention entropy of every sparse stage in the last training
-        forward (None before one); the training loss may penalise it."""
-        values = [stage.last_entropy for cnn in (self.audio_cnn, self.visual_cnn) for stage in cnn.stages
-                  if stage.last_entropy is not None]
+        """Mean normalised attention entropy of the sparse stages that ran in the last
+        training forward (None if none did), for the training loss to penalise. Reading
+        clears it, so a stage skipped in the next step (a batch without any face) is not
+        counted again with a graph that backward has already freed."""
+        stages = [stage for cnn in (self.audio_cnn, self.visual_cnn) for stage in cnn.stages]
+        values = [stage.last_entropy for stage in stages if stage.last_entropy is not None]
+        for stage in stages:
+            stage.last_entropy = None
         return torch.stack(values).mean() if values else None
 
     def sparse_grids(self, modality: str) -> list[tuple[int, int, int, int]]:

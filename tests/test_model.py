@@ -234,3 +234,18 @@ def test_paper_preset_builds_and_runs():
                 torch.randn(1, 1, 1, 128, 32, generator=g), torch.ones(1, 1, dtype=torch.bool),
                 torch.randint(0, 30000, (1, 5), generator=g), torch.ones(1, 5, dtype=torch.bool))
         assert torch.isfinite(model(*args).logits).all()
+
+
+def test_attention_entropy_is_counted_once_per_training_step():
+    """A batch without any face after one with faces: only the stages that ran are
+    penalised, and backward never reaches the previous step's freed graph."""
+    torch.manual_seed(0)
+    model = build_model(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB)).train()
+    with_faces = make_batch([(3, 2, 4), (2, 3, 5)], seed=3)
+    no_faces = make_batch([(0, 2, 4), (0, 3, 5)], seed=4)
+    for batch in (with_faces, no_faces):
+        out = model(*batch)
+        entropy = model.attention_entropy()
+        assert entropy is not None and 0.0 <= entropy.item() <= 1.0
+        (out.logits.sum() + entropy).backward()
+        assert model.attention_entropy() is None  # read once per step
