@@ -109,15 +109,15 @@ class _MME2EBase(nn.Module):
         B, F = mask.shape
         x = torch.where(mask[:, :, None, None, None], x, torch.zeros_like(x))  # padding/absent -> zeros
         flat_mask = mask.reshape(B * F)
-        if not self.gather_real_frames:  # static shapes (CUDA graphs): every frame through the CNN
-            feats = self.frame_features(modality, x.reshape(B * F, *x.shape[2:]), flat_mask,
-                                        text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1))
+        frames = x.reshape(B * F, *x.shape[2:])  # (B*F, Cin, H, W)
+        guide = text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1)  # (B*F, G)
+        if not self.gather_real_frames:  # static shapes (export, CUDA graphs): every frame through the CNN
+            feats = self.frame_features(modality, frames, flat_mask, guide)
             return self._sequence(modality, feats.reshape(B, F, -1), mask)
         # The CNN runs on the N real frames only; padded and absent frames get zero
         # features (the transformer masks them out). N may be 0: an empty CNN batch.
         real = flat_mask.nonzero().reshape(-1)  # (N,) indices of real frames
-        guide = text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1)  # (B*F, G)
-        frames = x.reshape(B * F, *x.shape[2:]).index_select(0, real)  # (N, Cin, H, W)
+        frames = frames.index_select(0, real)  # (N, Cin, H, W)
         if self.training and real.numel() == 0:  # BatchNorm cannot train on an empty batch
             feats = x.new_zeros(B * F, self.dims.flat_size(modality))
         else:

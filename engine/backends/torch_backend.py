@@ -3,7 +3,8 @@
 CPU or CUDA; eager, ``torch.compile``d (``compile=True``; dynamic shapes, so a
 new batch size or frame count does not recompile each time), or on CUDA replayed
 from CUDA graphs (``cuda_graphs=True``: one graph per input shape, captured on
-first sight of that shape; launch overhead is most of a small batch's time).
+first sight of that shape and kept for the backend's lifetime, so it suits serving
+with a few fixed shapes; launch overhead is most of a small batch's time).
 ``half=True`` on CUDA runs under fp16 autocast; ``run`` returns float32 arrays either way.
 """
 
