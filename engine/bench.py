@@ -185,14 +185,18 @@ class FaceCache:
     def __init__(self, stream: Stream, params, device: str = "cpu"):
         self.stream, self.params, self.device, self.crops = stream, params, device, {}
 
-    def get(self, indices: range) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, indices) -> None:
+        """Detect every frame of ``indices`` not seen yet, in one batched call."""
         from engine.faces import crop_faces
 
-        new = [i for i in indices if i not in self.crops]
+        new = sorted({i for i in indices if i not in self.crops})
         if new:
             crops, found, _ = crop_faces([self.stream.frame(i) for i in new], self.params.face_size,
                                          self.params.face_margin, self.device)
             self.crops.update({i: (c, f) for i, c, f in zip(new, crops, found)})
+
+    def get(self, indices: range) -> tuple[np.ndarray, np.ndarray]:
+        self.detect(indices)
         for i in [i for i in self.crops if i < indices.start]:
             del self.crops[i]  # frames no later window uses
         return np.stack([self.crops[i][0] for i in indices]), np.array([self.crops[i][1] for i in indices])
@@ -277,12 +281,13 @@ def bench_window(engine, stream: Stream, batch: int, iters: int) -> dict:
     state = {"w": 0}
 
     def step():
+        spans = [stream.window(state["w"] + k) for k in range(batch)]
+        cache.detect(i for frames, _, _ in spans for i in frames)  # the batch's new frames in one call
         windows = []
-        for _ in range(batch):
-            frames, audio, text = stream.window(state["w"])
+        for frames, audio, text in spans:
             crops, found = cache.get(frames)
             windows.append((crops, found, audio, text))
-            state["w"] += 1
+        state["w"] += batch
         engine.backend.run(collate([_sample(engine, *w) for w in windows]))
 
     with PeakMemory(engine.backend.device) as mem:

@@ -81,6 +81,8 @@ class TrainConfig:
     sparse_entropy_weight: float = -1.0
     patience: int = 10
     early_stop: Literal["f1_loss", "f1"] = "f1_loss"
+    fusion_fit: Literal["valid", "none"] = "valid"
+    fusion_fit_l2: float = 0.01
     split: Literal["dialog", "utterance"] = "dialog"
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"

@@ -146,9 +146,7 @@ class _MME2EBase(nn.Module):
         visual_cls = self.encode("visual", faces, face_mask, guide)  # (B, D)
         per_modality = torch.stack([self.text_out(text_cls), self.audio_out(audio_cls), self.visual_out(visual_cls)], dim=1)
         per_modality = torch.where(present[:, :, None], per_modality, torch.zeros_like(per_modality))  # (B, 3, P)
-        weights = self.fusion.float().expand(present.shape[0], -1)  # (B, 3)
-        weights = torch.where(present.any(1, keepdim=True), weights.masked_fill(~present, float("-inf")), weights)
-        logits = (weights.softmax(dim=-1)[:, :, None].type(per_modality.dtype) * per_modality).sum(1)  # (B, P)
+        logits = late_fusion(self.fusion, per_modality, present)  # (B, P)
         parts = [text_cls, audio_cls, visual_cls]
         embedding = torch.cat([torch.where(present[:, i, None], p, torch.zeros_like(p)) for i, p in enumerate(parts)], dim=1)
         return ModelOutput(logits, per_modality, present, embedding)
@@ -246,6 +244,15 @@ class MME2ESparse(_MME2EBase):
             frames = mask.float().sum().clamp(min=1.0)
             self.last_active_fractions[modality] = ((kept / positions) * mask[:, None]).sum(0).detach() / frames
         return feats
+
+
+def late_fusion(fusion: Tensor, per_modality: Tensor, present: Tensor) -> Tensor:
+    """fusion (3,) logits, per_modality (B, 3, P), present (B, 3) -> fused logits (B, P):
+    the per-modality logits weighted by a softmax of ``fusion`` over the present modalities
+    (all three when none is present, whose logits are then zeros)."""
+    weights = fusion.float().expand(present.shape[0], -1)  # (B, 3)
+    weights = torch.where(present.any(1, keepdim=True), weights.masked_fill(~present, float("-inf")), weights)
+    return (weights.softmax(dim=-1)[:, :, None].type(per_modality.dtype) * per_modality).sum(1)
 
 
 def build_model(dims: ModelDims, text_weights_dir: str | Path | None = None) -> MME2E | MME2ESparse:

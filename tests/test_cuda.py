@@ -109,3 +109,18 @@ def test_training_steps_on_cuda(name):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.7  # it learns the six labels
+
+
+def test_batched_face_detector_on_cuda_matches_cpu():
+    import numpy as np
+
+    from engine.bench import stream_frames
+    from engine.face_detect import BatchedMTCNN
+
+    frames = np.stack(stream_frames(12) + [np.zeros((224, 224, 3), np.uint8)])
+    x = torch.from_numpy(frames)
+    cpu = BatchedMTCNN("cpu").largest_boxes(x)
+    gpu = BatchedMTCNN("cuda").largest_boxes(x)
+    assert torch.equal(torch.isnan(cpu), torch.isnan(gpu)) and torch.isnan(cpu[-1]).all()
+    assert torch.isfinite(cpu[:-1]).all()
+    assert (cpu[:-1] - gpu[:-1]).abs().max() < 1.0

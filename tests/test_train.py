@@ -16,6 +16,8 @@ from engine.config import load_config
 from engine.cli import main as mmid
 from engine.features import Tokenizer, collate
 from training.dataset import PreparedDataset, read_split
+from engine.model import late_fusion
+from training.fusion_fit import fit_fusion_logits
 from training.metrics import confusion, macro_f1
 
 
@@ -95,6 +97,39 @@ def test_flops_sparse_executes_less_feature_work(tiny_runs, prepared_tiny, capsy
     for fractions in sparse["active_fraction"].values():
         assert all(0.0 < f < 1.0 for f in fractions)
     assert sparse["feature_extraction_flops"] < dense["feature_extraction_flops"]
+
+
+def test_fusion_fit_trusts_the_branch_that_holds_on_validation():
+    # Hand-made validation logits: the text branch is confident and always names person 0
+    # (a memorised transcript); audio is right but weak; visual is right on 7 of 10.
+    n, persons = 10, 4
+    labels = torch.arange(n) % persons
+    onehot = torch.nn.functional.one_hot(labels, persons).float()
+    text = torch.zeros(n, persons)
+    text[:, 0] = 8.0
+    audio = 1.5 * onehot
+    visual = 3.0 * onehot
+    visual[7:] = 3.0 * torch.nn.functional.one_hot((labels[7:] + 1) % persons, persons).float()
+    logits = torch.stack([text, audio, visual], dim=1)  # (N, 3, P)
+    present = torch.ones(n, 3, dtype=torch.bool)
+    uniform = torch.zeros(3)
+    assert (late_fusion(uniform, logits, present).argmax(1) == labels).float().mean() < 0.6
+    w = fit_fusion_logits(logits, present, labels, uniform, l2=0.01)
+    weights = w.softmax(0)
+    assert weights[0] < weights[1] and weights[0] < weights[2], weights
+    assert (late_fusion(w, logits, present).argmax(1) == labels).all()
+    # the fusion rule masks an absent modality: text alone present -> text's logits, whatever w is
+    text_only = torch.tensor([[True, False, False]]).expand(n, 3)
+    assert torch.allclose(late_fusion(w, logits, text_only), text)
+
+
+def test_kept_checkpoint_carries_the_fitted_fusion_weights(tiny_runs):
+    for run in tiny_runs.values():
+        fit = json.loads((run / "train_summary.json").read_text())["fusion_fit"]
+        with safe_open(str(run / "model.safetensors"), framework="pt") as fh:
+            kept = fh.get_tensor("fusion").float().softmax(0)
+        assert kept.tolist() == pytest.approx([fit["weights_after"][m] for m in ("text", "audio", "visual")], abs=1e-3)
+        assert fit["valid_accuracy_after"] >= fit["valid_accuracy_before"] - 0.1, fit
 
 
 def test_metrics_by_hand():

@@ -4,7 +4,8 @@ Adam with a lower learning rate for the pretrained text encoder, cross-entropy
 (or one-vs-rest BCE, as in the paper) on the fused logits plus auxiliary
 per-modality losses, gradient clipping, modality dropout, early stopping on
 validation macro-F1. Every epoch appends to ``RUN/metrics.jsonl`` and writes a
-resumable ``RUN/last/`` checkpoint; the best epoch is kept in ``RUN/`` itself.
+resumable ``RUN/last/`` checkpoint; the best epoch is kept in ``RUN/`` itself,
+with its late-fusion weights refitted on the validation split (training/fusion_fit.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from engine.dims import ModelDims, preset_dims
 from engine.features import Batch, FeatureParams, Tokenizer, collate
 from engine.model import build_model
 from training.dataset import PreparedDataset, read_split
+from training.fusion_fit import fit_fusion
 from training.metrics import accuracy, macro_f1
 from training.textprep import text_model_dir, train_wordpiece
 
@@ -294,12 +296,20 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         last.mkdir(exist_ok=True)
         save_checkpoint(last, model, meta, tok_file)
         _save_state(last, optimizer, state)
+    fusion = None
+    if cfg.train.fusion_fit == "valid" and (job.out / "model.safetensors").exists():
+        model.load_state_dict(load_file(str(job.out / "model.safetensors"), device=str(device)))
+        fusion = fit_fusion(model, valid_loader, device, cfg.train.fusion_fit_l2)
+        save_checkpoint(job.out, model, meta, tok_file)
+        print(f"[train] fusion weights fitted on validation (text, audio, visual): {fusion.before} -> {fusion.after}; "
+              f"valid accuracy {fusion.valid_accuracy_before:.4f} -> {fusion.valid_accuracy_after:.4f}")
     summary = {
         "best_epoch": state["best_epoch"],
         "best_valid_macro_f1": state["best_f1"],
         "epochs_run": state["epoch"],
         "train_seconds": round(time.time() - started, 2),
         "device": str(device),
+        "fusion_fit": fusion.as_dict() if fusion else None,
     }
     (job.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

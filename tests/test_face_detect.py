@@ -1,0 +1,110 @@
+"""The batched MTCNN cascade against facenet-pytorch's MTCNN.detect, and its parts."""
+
+from __future__ import annotations
+
+import glob
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.face_detect import BatchedMTCNN, area_crops, integral_image, largest_per_image, nms_min
+
+
+def _facenet_largest(frames: np.ndarray) -> list[np.ndarray | None]:
+    from facenet_pytorch import MTCNN
+
+    mtcnn = MTCNN(select_largest=True, keep_all=False, post_process=False, device="cpu")
+    out = []
+    for boxes in mtcnn.detect(frames)[0]:
+        if boxes is None or len(boxes) == 0:
+            out.append(None)
+            continue
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        out.append(boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))])
+    return out
+
+
+def _corpus_frames(corpus, every: int = 20, limit: int = 6) -> np.ndarray:
+    """Frames of the tiny corpus's split-screen dialog videos, cut to 224x224 around each speaker."""
+    frames = []
+    for path in sorted(glob.glob(str(corpus / "IEMOCAP_full_release" / "Session*" / "dialog" / "avi" / "DivX" / "*.avi")))[:2]:
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i % every == 0:
+                    rgb = frame.to_ndarray(format="rgb24")
+                    h, w = rgb.shape[:2]
+                    top = max(0, (h - 224) // 2)
+                    frames += [rgb[top : top + 224, : 224], rgb[top : top + 224, w // 2 : w // 2 + 224]]
+                if len(frames) >= limit:
+                    break
+    return np.stack(frames)
+
+
+def test_boxes_match_facenet_mtcnn(tiny_corpus):
+    from skimage import data
+
+    corpus = _corpus_frames(tiny_corpus)
+    detector = BatchedMTCNN("cpu")
+    astronaut = data.astronaut()
+    for frames in (corpus, np.stack([astronaut, np.zeros_like(astronaut), astronaut[:, ::-1].copy()])):
+        ours = detector.largest_boxes(torch.from_numpy(frames)).numpy()
+        theirs = _facenet_largest(frames)
+        assert [b is not None for b in theirs] == [bool(np.isfinite(b).all()) for b in ours]
+        for a, b in zip(ours, theirs):
+            if b is not None:
+                assert np.abs(a - b).max() < 0.05, (a, b)
+    assert np.isfinite(ours[0]).all() and np.isnan(ours[1]).all()  # astronaut found, black frame not
+
+
+def test_area_crops_equal_interpolate_area():
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (2, 40, 50, 3), generator=gen, dtype=torch.uint8)
+    boxes = [(0, 3, 17, 9, 40), (1, 0, 40, 0, 50), (1, 12, 14, 30, 31)]  # frame, y0, y1, x0, x1
+    image, y0, y1, x0, x1 = (torch.tensor(v) for v in zip(*boxes))
+    got = area_crops(integral_image(frames), image, y0, y1, x0, x1, 24)
+    imgs = frames.permute(0, 3, 1, 2).float()
+    for k, (i, a, b, c, d) in enumerate(boxes):
+        want = F.interpolate(imgs[i : i + 1, :, a:b, c:d], size=(24, 24), mode="area")[0]
+        assert torch.allclose(got[k], want, atol=1e-4)
+
+
+def _greedy_min_nms(boxes: np.ndarray, scores: np.ndarray, image: np.ndarray, threshold: float) -> list[int]:
+    kept: list[int] = []
+    for i in np.argsort(-scores, kind="stable"):
+        ok = True
+        for j in kept:
+            if image[j] != image[i]:
+                continue
+            lt = np.maximum(boxes[i, :2], boxes[j, :2])
+            rb = np.minimum(boxes[i, 2:], boxes[j, 2:])
+            inter = np.clip(rb - lt + 1, 0, None).prod()
+            area = lambda b: (b[2] - b[0] + 1) * (b[3] - b[1] + 1)  # noqa: E731
+            if inter / min(area(boxes[i]), area(boxes[j])) > threshold:
+                ok = False
+                break
+        if ok:
+            kept.append(int(i))
+    return kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_min_nms_equals_the_greedy_rule(seed):
+    rng = np.random.default_rng(seed)
+    n = 40
+    xy = rng.uniform(0, 60, (n, 2))
+    wh = rng.uniform(5, 40, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    scores = rng.permutation(n).astype(np.float32)
+    image = rng.integers(0, 3, n)
+    got = nms_min(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(image), 0.7).tolist()
+    assert got == _greedy_min_nms(boxes, scores, image, 0.7)
+    assert len(got) < n  # the random boxes do overlap: something was suppressed
+
+
+def test_largest_per_image():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 20, 20], [5, 5, 6, 6.0]])
+    out = largest_per_image(boxes, torch.tensor([0, 0, 2]), 3)
+    assert out[0].tolist() == [0, 0, 20, 20] and torch.isnan(out[1]).all() and out[2].tolist() == [5, 5, 6, 6]
