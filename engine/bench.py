@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.features import collate
 
 DEFAULT_CACHE = Path(".mmid-cache/bench")
 BENCH_PERSONS = 10
@@ -288,17 +287,11 @@ def bench_window(engine, stream: Stream, batch: int, iters: int) -> dict:
             crops, found = cache.get(frames)
             windows.append((crops, found, audio, text))
         state["w"] += batch
-        engine.backend.run(collate([_sample(engine, *w) for w in windows]))
+        engine.backend.run(engine.collate_raw(windows))
 
     with PeakMemory(engine.backend.device) as mem:
         times = time_calls(step, iters, engine.backend.device, warmup=1)
     return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
-
-
-def _sample(engine, crops, found, audio, text):
-    from engine.features import make_sample
-
-    return make_sample(crops, found, audio, text, engine.tokenizer, engine.feature_params)
 
 
 # ---------------------------------------------------------------- CLI

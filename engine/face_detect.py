@@ -62,13 +62,14 @@ class BatchedMTCNN:
         return out
 
     @torch.no_grad()
-    def largest_boxes(self, frames: Tensor) -> Tensor:
-        """uint8 (N, H, W, 3) RGB -> float32 (N, 4) x1, y1, x2, y2 of the largest face, NaN where none."""
+    def largest_boxes(self, frames: Tensor, table: Tensor | None = None) -> Tensor:
+        """uint8 (N, H, W, 3) RGB -> float32 (N, 4) on the CPU: x1, y1, x2, y2 of the largest
+        face, NaN where none. ``table``: the frames' ``integral_image`` if already made."""
         frames = frames.to(self.device)
         n, h, w = frames.shape[:3]
         imgs = frames.permute(0, 3, 1, 2).float()  # (N, 3, H, W) 0..255
         boxes, image = self._proposals(imgs, h, w)  # (K, 4), (K,)
-        table = integral_image(frames)  # (N, 3, H+1, W+1) int32
+        table = integral_image(frames) if table is None else table  # (N, 3, H+1, W+1) int32
         # R-Net: refine and re-score the proposals
         if len(boxes):
             reg, prob = self.rnet(normalise(area_crops(table, image, *clip_box(boxes, w, h), 24)))

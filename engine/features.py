@@ -108,8 +108,8 @@ def select_frames(n: int, found: np.ndarray, params: FeatureParams) -> np.ndarra
 # ---------------------------------------------------------------- audio
 
 
-@functools.lru_cache(maxsize=4)
-def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int):
+@functools.lru_cache(maxsize=8)
+def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int, device: str = "cpu"):
     import warnings
 
     import torchaudio
@@ -120,23 +120,35 @@ def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int):
         warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
         return torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, win_length=n_fft, hop_length=hop_length, n_mels=n_mels
-        )
+        ).to(device)
 
 
-def log_mel(audio: np.ndarray | torch.Tensor, params: Any = None) -> torch.Tensor:
-    """float32 16 kHz mono (N,) -> log(mel power + 1e-6), float32 (n_mels, T).
+def log_mel(audio: np.ndarray | torch.Tensor, params: Any = None, device: str = "cpu") -> torch.Tensor:
+    """float32 16 kHz mono (N,) or a batch of equal-length clips (B, N) ->
+    log(mel power + 1e-6), float32 (n_mels, T) or (B, n_mels, T), on ``device``.
 
     torchaudio MelSpectrogram (power 2, centred frames, Hann window of n_fft
     samples, hop hop_length), so T = 1 + N // hop_length. Audio shorter than
     n_fft samples gives T = 0 (no audio).
     """
     p = as_params(params) if params is not None else FeatureParams()
-    x = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(-1)
-    if x.shape[0] < p.n_fft:
-        return torch.zeros(p.n_mels, 0)
+    x = torch.as_tensor(np.asarray(audio, dtype=np.float32))
+    x = x.reshape(-1) if x.ndim < 2 else x
+    if x.shape[-1] < p.n_fft:
+        return torch.zeros(*x.shape[:-1], p.n_mels, 0)
     with torch.no_grad():
-        mel = _mel_transform(p.sample_rate, p.n_fft, p.hop_length, p.n_mels)(x)  # (n_mels, T)
+        mel = _mel_transform(p.sample_rate, p.n_fft, p.hop_length, p.n_mels, str(device))(x.to(device))
     return torch.log(mel + LOG_EPS)
+
+
+def _chunk(mel: torch.Tensor, p: FeatureParams) -> torch.Tensor:
+    """(B, n_mels, T) -> (B, C, 1, n_mels, chunk_frames): consecutive chunks, the last
+    zero-padded, at most max_chunks."""
+    b, n_mels, t = mel.shape
+    c = min(-(-t // p.chunk_frames), p.max_chunks)
+    mel = mel[:, :, : c * p.chunk_frames]
+    mel = torch.nn.functional.pad(mel, (0, c * p.chunk_frames - mel.shape[2]))  # (B, n_mels, C*cf)
+    return mel.reshape(b, n_mels, c, p.chunk_frames).permute(0, 2, 1, 3).unsqueeze(2).contiguous()
 
 
 def mel_chunks(audio: np.ndarray | torch.Tensor, params: Any = None) -> torch.Tensor:
@@ -147,14 +159,23 @@ def mel_chunks(audio: np.ndarray | torch.Tensor, params: Any = None) -> torch.Te
     audio shorter than n_fft samples.
     """
     p = as_params(params) if params is not None else FeatureParams()
-    mel = log_mel(audio, p)  # (n_mels, T)
-    n_mels, t = mel.shape
-    c = min(-(-t // p.chunk_frames), p.max_chunks)
-    out = torch.zeros(c, 1, n_mels, p.chunk_frames)
-    for i in range(c):
-        piece = mel[:, i * p.chunk_frames : (i + 1) * p.chunk_frames]
-        out[i, 0, :, : piece.shape[1]] = piece
-    return out
+    return _chunk(log_mel(audio, p)[None], p)[0]
+
+
+def mel_chunks_batch(audios: Sequence[np.ndarray], params: Any = None, device: str = "cpu") -> list[torch.Tensor]:
+    """``[mel_chunks(a) for a in audios]`` (on the CPU), clips of equal length in one
+    transform call on ``device`` (a stream's windows all have the same length)."""
+    p = as_params(params) if params is not None else FeatureParams()
+    out: list[torch.Tensor | None] = [None] * len(audios)
+    by_length: dict[int, list[int]] = {}
+    for i, a in enumerate(audios):
+        by_length.setdefault(int(np.asarray(a).reshape(-1).shape[0]), []).append(i)
+    for idx in by_length.values():
+        clips = np.stack([np.asarray(audios[i], dtype=np.float32).reshape(-1) for i in idx])  # (G, N)
+        chunks = _chunk(log_mel(clips, p, device), p).cpu()  # (G, C, 1, n_mels, cf)
+        for k, i in enumerate(idx):
+            out[i] = chunks[k]
+    return out  # type: ignore[return-value]
 
 
 def decode_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
@@ -301,18 +322,20 @@ def make_sample(
     tokenizer: Tokenizer,
     cfg: Any,
     id: str = "",
+    audio_chunks: torch.Tensor | None = None,
 ) -> Sample:
     """Raw inputs of one utterance/window -> Sample. The serving entry point.
 
     crops: uint8 (F, S, S, 3) RGB from ``engine.faces.crop_faces``; face_found:
     bool (F,); audio: float32 mono at sample_rate; text: raw transcript.
+    audio_chunks: ``mel_chunks(audio)`` when already computed (``mel_chunks_batch``).
     """
     p = as_params(cfg)
     crops = np.asarray(crops, dtype=np.uint8).reshape(-1, p.face_size, p.face_size, 3)
     keep = select_frames(len(crops), np.asarray(face_found, dtype=bool), p)
     return Sample(
         faces=face_tensor(crops[keep], p),
-        audio=mel_chunks(audio, p),
+        audio=mel_chunks(audio, p) if audio_chunks is None else audio_chunks,
         text=tokenizer.encode(text),
         id=id,
     )

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.backends import BACKENDS, Backend
 from engine.dims import ModelDims
-from engine.features import Batch, FeatureParams, Tokenizer, collate, make_sample
+from engine.features import Batch, FeatureParams, Tokenizer, collate, make_sample, mel_chunks_batch
 
 log = logging.getLogger("mmid.engine")
 
@@ -125,8 +125,10 @@ class Engine:
         return self.identify(self.collate_raw(windows))
 
     def collate_raw(self, windows: Sequence[tuple[np.ndarray, Any, np.ndarray, str]]) -> Batch:
-        samples = [make_sample(crops, found, audio, text, self.tokenizer, self.feature_params)
-                   for crops, found, audio, text in windows]
+        """Raw windows -> one Batch; the log-mels of the windows in one call on the backend's device."""
+        chunks = mel_chunks_batch([w[2] for w in windows], self.feature_params, self.backend.device)
+        samples = [make_sample(crops, found, audio, text, self.tokenizer, self.feature_params, audio_chunks=c)
+                   for (crops, found, audio, text), c in zip(windows, chunks)]
         return collate(samples)
 
 

@@ -108,3 +108,21 @@ def test_largest_per_image():
     boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 20, 20], [5, 5, 6, 6.0]])
     out = largest_per_image(boxes, torch.tensor([0, 0, 2]), 3)
     assert out[0].tolist() == [0, 0, 20, 20] and torch.isnan(out[1]).all() and out[2].tolist() == [5, 5, 6, 6]
+
+
+def test_crop_faces_equal_area_resize_of_their_regions():
+    from skimage import data
+
+    from engine.faces import centre_region, crop_faces, crop_region
+
+    photo = data.astronaut()
+    frames = [photo, np.zeros((100, 80, 3), np.uint8), photo[40:300, 100:420].copy()]
+    crops, found, boxes = crop_faces(frames)
+    assert found.tolist() == [True, False, True]
+    for frame, crop, ok, box in zip(frames, crops, found, boxes):
+        h, w = frame.shape[:2]
+        y0, y1, x0, x1 = crop_region(box, h, w) if ok else centre_region(h, w)
+        region = torch.from_numpy(frame[y0:y1, x0:x1]).permute(2, 0, 1)[None].float()
+        want = F.interpolate(region, size=(48, 48), mode="area")[0].round().clamp(0, 255).to(torch.uint8)
+        diff = (torch.from_numpy(crop).permute(2, 0, 1).int() - want.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # only .5 roundings may differ

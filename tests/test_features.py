@@ -45,6 +45,17 @@ def test_mel_chunks_capped_at_max_chunks():
     assert mel_chunks(_noise(10.0), params).shape == (5, 1, 128, 32)
 
 
+def test_batched_mel_chunks_equal_one_at_a_time():
+    from engine.features import mel_chunks_batch
+
+    clips = [_noise(3.0, 1), _noise(1.0, 2), _noise(3.0, 3), np.zeros(50, np.float32), _noise(3.0, 4)]
+    batched = mel_chunks_batch(clips)
+    assert len(batched) == len(clips)
+    for clip, got in zip(clips, batched):
+        want = mel_chunks(clip)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
 def test_empty_audio_gives_no_chunks():
     assert mel_chunks(np.zeros(0, np.float32)).shape == (0, 1, 128, 32)
     assert mel_chunks(np.zeros(100, np.float32)).shape == (0, 1, 128, 32)
