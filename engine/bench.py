@@ -52,17 +52,9 @@ TRANSCRIPTS = (  # ~12 words: what a 3 s window of speech holds
 
 def make_tokenizer(path: Path) -> Path:
     """A small lower-cased WordPiece tokenizer.json ([PAD]=0 ... [MASK]=4) for random engines."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from engine.wordpiece import train_wordpiece
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(list(TRANSCRIPTS) * 4, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
-                                                                             show_progress=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    return path
+    return train_wordpiece(list(TRANSCRIPTS), path, vocab_size=400)
 
 
 def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS, int8: bool = True,

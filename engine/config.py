@@ -79,6 +79,7 @@ class TrainConfig:
     aux_loss_weight: float = 0.5
     modality_dropout: float = 0.2
     sparse_entropy_weight: float = -1.0
+    sparse_entropy_weight_audio: float = -1.0
     patience: int = 10
     early_stop: Literal["f1_loss", "f1"] = "f1_loss"
     fusion_fit: Literal["valid", "none"] = "valid"

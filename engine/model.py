@@ -216,16 +216,21 @@ class MME2ESparse(_MME2EBase):
                 raise ValueError(f"sparse budget {budget}: expected {len(self.dims.stage_channels)} fractions in (0, 1]")
         self.sparse_budget = budget
 
-    def attention_entropy(self) -> Tensor | None:
+    def attention_entropy(self, weights: dict[str, float] | None = None) -> Tensor | None:
         """Mean normalised attention entropy of the sparse stages that ran in the last
-        training forward (None if none did), for the training loss to penalise. Reading
-        clears it, so a stage skipped in the next step (a batch without any face) is not
-        counted again with a graph that backward has already freed."""
-        stages = [stage for cnn in (self.audio_cnn, self.visual_cnn) for stage in cnn.stages]
-        values = [stage.last_entropy for stage in stages if stage.last_entropy is not None]
-        for stage in stages:
-            stage.last_entropy = None
-        return torch.stack(values).mean() if values else None
+        training forward, for the training loss to penalise: the mean over each
+        modality's stages, times ``weights[modality]`` (default 1), averaged over the
+        modalities that ran (None if none did). Reading clears it, so a stage skipped in
+        the next step (a batch without any face) is not counted again with a graph that
+        backward has already freed."""
+        per_modality = []
+        for name, cnn in (("audio", self.audio_cnn), ("visual", self.visual_cnn)):
+            values = [stage.last_entropy for stage in cnn.stages if stage.last_entropy is not None]
+            for stage in cnn.stages:
+                stage.last_entropy = None
+            if values:
+                per_modality.append(torch.stack(values).mean() * (1.0 if weights is None else weights[name]))
+        return torch.stack(per_modality).mean() if per_modality else None
 
     def sparse_grids(self, modality: str) -> list[tuple[int, int, int, int]]:
         """(H, W, Cin, Cout) of each sparse stage's input grid (for FLOPs counting)."""

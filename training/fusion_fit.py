@@ -78,7 +78,7 @@ def fit_fusion_logits(logits: torch.Tensor, present: torch.Tensor, labels: torch
 def fit_fusion(model: torch.nn.Module, loader: DataLoader, device: torch.device, l2: float) -> FusionFit:
     """Refit ``model.fusion`` in place on the loader's (validation) windows."""
     logits, present, labels = collect_branch_logits(model, loader, device)
-    old = model.fusion.detach().float().cpu()
+    old = model.fusion.detach().float().cpu().clone()
     new = fit_fusion_logits(logits, present, labels, old, l2)
 
     def acc(w: torch.Tensor) -> float:

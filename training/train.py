@@ -29,10 +29,11 @@ from engine.config import Config
 from engine.dims import ModelDims, preset_dims
 from engine.features import Batch, FeatureParams, Tokenizer, collate
 from engine.model import build_model
+from engine.wordpiece import train_wordpiece
 from training.dataset import PreparedDataset, read_split
 from training.fusion_fit import fit_fusion
 from training.metrics import accuracy, macro_f1
-from training.textprep import text_model_dir, train_wordpiece
+from training.textprep import text_model_dir
 
 LAST = "last"  # sub-folder holding the resumable state of the latest epoch
 # Learning rate of everything but the text encoder when train.lr is 0: the tiny CNNs
@@ -103,6 +104,14 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, step: int)
 def base_learning_rate(cfg: Config, preset: str) -> float:
     """``train.lr``, or the preset's own when it is 0."""
     return cfg.train.lr if cfg.train.lr > 0 else PRESET_LR[preset]
+
+
+def sparse_entropy_weights(cfg: Config, preset: str) -> dict[str, float]:
+    """Per-modality weight of the sparse attention-entropy penalty: ``train.sparse_entropy_weight``
+    (< 0: the preset's own), and for audio ``train.sparse_entropy_weight_audio`` when >= 0."""
+    weight = cfg.train.sparse_entropy_weight if cfg.train.sparse_entropy_weight >= 0 else PRESET_ENTROPY[preset]
+    audio = cfg.train.sparse_entropy_weight_audio
+    return {"visual": weight, "audio": audio if audio >= 0 else weight}
 
 
 def hide_modalities(batch: Batch, p: float, gen: torch.Generator) -> Batch:
@@ -215,7 +224,7 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
     resuming = job.resume and (last / "state.json").exists()
     model = build_model(dims, text_weights_dir=None if resuming else text_dir).to(device)
     lr = base_learning_rate(cfg, job.preset)
-    entropy_weight = cfg.train.sparse_entropy_weight if cfg.train.sparse_entropy_weight >= 0 else PRESET_ENTROPY[job.preset]
+    entropy_weights = sparse_entropy_weights(cfg, job.preset)
     text_params = [p for n, p in model.named_parameters() if n.startswith("text.")]
     other = [p for n, p in model.named_parameters() if not n.startswith("text.")]
     optimizer = torch.optim.Adam(
@@ -255,9 +264,9 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
             out = model(*batch.model_inputs())
             loss = loss_fn(out, labels.to(device), cfg)
-            entropy = model.attention_entropy() if hasattr(model, "attention_entropy") else None
-            if entropy is not None and entropy_weight > 0:
-                loss = loss + entropy_weight * entropy
+            entropy = model.attention_entropy(entropy_weights) if hasattr(model, "attention_entropy") else None
+            if entropy is not None and max(entropy_weights.values()) > 0:
+                loss = loss + entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.clip_grad > 0:

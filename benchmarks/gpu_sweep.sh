@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Training sweep on a lent GPU machine (run from the repo root): several `mmid train`
+# runs of the default preset side by side on one GPU, then each run's test accuracy
+# (fused and per branch), fitted fusion weights and FLOPs (benchmarks/sweep_summary.py).
+# Inputs, too big to travel as they are, come compressed in .gpu/ (git-ignored):
+#   .gpu/data.tar.xz    a prepared dataset folder `data/` (mmid prepare)
+#   .gpu/minilm.tar.xz  a text-encoder folder `minilm/` (config.json, tokenizer.json,
+#                       model.safetensors; fp16, embedding rows no transcript uses zeroed)
+# or set DATA and TEXT to folders that are already there. One run per line of
+# ${CONFIGS:-benchmarks/sweep.txt}: NAME MODEL [--set key=value ...].
+# Results go to ${OUT:-gpu-out}/: NAME.log per run and summary.jsonl.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+WORK=${WORK:-/tmp/sweep}
+mkdir -p "$OUT" "$WORK/runs"
+if [ -z "${DATA:-}" ]; then tar xJf .gpu/data.tar.xz -C "$WORK" && DATA=$WORK/data; fi
+if [ -z "${TEXT:-}" ]; then tar xJf .gpu/minilm.tar.xz -C "$WORK" && TEXT=$WORK/minilm; fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+if ! python3 -c "import tqdm" 2>/dev/null; then  # progress bars only: a pass-through stand-in
+  mkdir -p "$WORK/shim" && printf 'def tqdm(iterable, *args, **kwargs):\n    return iterable\n' > "$WORK/shim/tqdm.py"
+  export PYTHONPATH=$PYTHONPATH:$WORK/shim
+fi
+while read -r name model extra; do
+  [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+  # shellcheck disable=SC2086
+  timeout "${TRAIN_TIMEOUT:-330}" python3 -m engine.cli train --data "$DATA" --model "$model" --out "$WORK/runs/$name" \
+    --preset "${PRESET:-default}" --device "${DEVICE:-cuda}" --set "model.text_model=$TEXT" \
+    --set "train.epochs=${EPOCHS:-15}" --set train.patience=4 --set "train.num_workers=${WORKERS:-2}" $extra \
+    > "$OUT/$name.log" 2>&1 &
+done < "${CONFIGS:-benchmarks/sweep.txt}"
+wait
+python3 benchmarks/sweep_summary.py "$DATA" "$WORK"/runs/* | tee "$OUT/summary.jsonl"

@@ -1,0 +1,53 @@
+"""One JSON line per run folder: test accuracy, macro-F1, each branch alone, the
+fitted fusion weights, epochs, training time, and feature-extraction FLOPs (also
+relative to a run named ``dense`` when there is one). Plots are skipped when
+matplotlib is missing (lent GPU machines may lack it).
+
+    python3 benchmarks/sweep_summary.py DATA RUN [RUN ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.config import load_config  # noqa: E402
+from training import evaluate  # noqa: E402
+from training.flops import count_flops  # noqa: E402
+
+
+def main(data: Path, runs: list[Path]) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        evaluate.plot_confusion = lambda *a, **k: None
+        evaluate.plot_curves = lambda *a, **k: None
+    cfg = load_config(None)
+    rows = {}
+    for run in runs:
+        if not (run / "model.safetensors").exists():
+            print(json.dumps({"run": run.name, "error": "no checkpoint"}))
+            continue
+        device = "auto"
+        ev = evaluate.evaluate_run(run, data, "test", cfg, device=device)
+        fl = count_flops(run, data, "test")
+        summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
+        rows[run.name] = {
+            "run": run.name, "n": ev["n"], "accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
+            "alone": {k: None if v["accuracy"] is None else round(v["accuracy"], 4) for k, v in ev["per_modality"].items()},
+            "fusion": (summary.get("fusion_fit") or {}).get("weights_after"),
+            "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
+            "train_seconds": summary.get("train_seconds"),
+            "feature_gflops": round(fl["feature_extraction_flops"] / 1e9, 3), "active_fraction": fl["active_fraction"],
+        }
+    dense = rows.get("dense")
+    for row in rows.values():
+        if dense:
+            row["feature_vs_dense"] = round(row["feature_gflops"] / dense["feature_gflops"], 3)
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])
