@@ -25,7 +25,7 @@ while read -r name model extra; do
   # shellcheck disable=SC2086
   timeout "${TRAIN_TIMEOUT:-330}" python3 -m engine.cli train --data "$DATA" --model "$model" --out "$WORK/runs/$name" \
     --preset "${PRESET:-default}" --device "${DEVICE:-cuda}" --set "model.text_model=$TEXT" \
-    --set "train.epochs=${EPOCHS:-15}" --set train.patience=4 --set "train.num_workers=${WORKERS:-2}" $extra \
+    --set "train.epochs=${EPOCHS:-15}" --set "train.patience=${PATIENCE:-4}" --set "train.num_workers=${WORKERS:-2}" $extra \
     > "$OUT/$name.log" 2>&1 &
 done < "${CONFIGS:-benchmarks/sweep.txt}"
 wait

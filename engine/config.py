@@ -82,6 +82,7 @@ class TrainConfig:
     sparse_entropy_weight_audio: float = -1.0
     patience: int = 10
     early_stop: Literal["f1_loss", "f1"] = "f1_loss"
+    ema_decay: float = -1.0
     fusion_fit: Literal["valid", "none"] = "valid"
     fusion_fit_l2: float = 0.01
     split: Literal["dialog", "utterance"] = "dialog"

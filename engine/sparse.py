@@ -136,7 +136,8 @@ class SparseBatchNorm(nn.BatchNorm1d):
         mean = (x * weight).sum(0) / count.clamp(min=1.0)  # (C,)
         var = ((x - mean) ** 2 * weight).sum(0) / count.clamp(min=1.0)  # (C,) biased, for normalising
         with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
+            # momentum None: cumulative average over batches, as nn.BatchNorm1d does
+            m = self.momentum if self.momentum is not None else 1.0 / (self.num_batches_tracked + 1).float()
             unbiased = var * count / (count - 1.0).clamp(min=1.0)
             enough = count > 1
             self.running_mean.copy_(torch.where(enough, (1 - m) * self.running_mean + m * mean, self.running_mean))

@@ -68,8 +68,9 @@ def test_checkpoint_is_pickle_free_and_round_trips(tiny_runs, prepared_tiny, mon
     assert torch.equal(a.logits, b.logits) and torch.equal(a.embedding, b.embedding)
 
 
-def test_resume_continues_where_it_stopped(prepared_tiny, tmp_path):
-    base = ["train", "--data", str(prepared_tiny), "--model", "mme2e", "--preset", "tiny"]
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resume_continues_where_it_stopped(prepared_tiny, tmp_path, ema):
+    base = ["train", "--data", str(prepared_tiny), "--model", "mme2e", "--preset", "tiny", "--set", f"train.ema_decay={ema}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert mmid(base + ["--out", str(straight), "--epochs", "3"]) == 0
     assert mmid(base + ["--out", str(resumed), "--epochs", "2"]) == 0
@@ -80,10 +81,20 @@ def test_resume_continues_where_it_stopped(prepared_tiny, tmp_path):
     for ra, rb in zip(rows_a, rows_b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5, abs=1e-6)
         assert ra["valid_macro_f1"] == pytest.approx(rb["valid_macro_f1"])
-    with safe_open(str(straight / "last" / "model.safetensors"), framework="pt") as fa, \
-            safe_open(str(resumed / "last" / "model.safetensors"), framework="pt") as fb:
-        for key in fa.keys():
-            assert torch.allclose(fa.get_tensor(key).float(), fb.get_tensor(key).float(), atol=1e-5), key
+    names = ["model.safetensors"] + (["ema.safetensors"] if ema != "0" else [])
+    for name in names:
+        with safe_open(str(straight / "last" / name), framework="pt") as fa, \
+                safe_open(str(resumed / "last" / name), framework="pt") as fb:
+            for key in fa.keys():
+                assert torch.allclose(fa.get_tensor(key).float(), fb.get_tensor(key).float(), atol=1e-5), key
+    if ema != "0":  # the average differs from the trained weights, and it is what is kept
+        best = json.loads((straight / "train_summary.json").read_text())["best_epoch"]
+        with safe_open(str(straight / "model.safetensors"), framework="pt") as fk, \
+                safe_open(str(straight / "last" / "ema.safetensors"), framework="pt") as fe, \
+                safe_open(str(straight / "last" / "model.safetensors"), framework="pt") as fl:
+            assert any(not torch.equal(fe.get_tensor(k), fl.get_tensor(k)) for k in fe.keys())
+            if best == 3:
+                assert all(torch.equal(fk.get_tensor(k), fe.get_tensor(k)) for k in fk.keys() if k != "fusion")
 
 
 def test_flops_sparse_executes_less_feature_work(tiny_runs, prepared_tiny, capsys):

@@ -4,8 +4,10 @@ Adam with a lower learning rate for the pretrained text encoder, cross-entropy
 (or one-vs-rest BCE, as in the paper) on the fused logits plus auxiliary
 per-modality losses, gradient clipping, modality dropout, early stopping on
 validation macro-F1. Every epoch appends to ``RUN/metrics.jsonl`` and writes a
-resumable ``RUN/last/`` checkpoint; the best epoch is kept in ``RUN/`` itself,
-with its late-fusion weights refitted on the validation split (training/fusion_fit.py).
+resumable ``RUN/last/`` checkpoint; the best epoch is kept in ``RUN/`` itself, with
+its late-fusion weights refitted on the validation split (training/fusion_fit.py).
+With ``train.ema_decay`` > 0 the weights validated and kept are a moving average
+of the trained ones (training/weight_average.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from training.dataset import PreparedDataset, read_split
 from training.fusion_fit import fit_fusion
 from training.metrics import accuracy, macro_f1
 from training.textprep import text_model_dir
+from training.weight_average import WeightAverage
 
 LAST = "last"  # sub-folder holding the resumable state of the latest epoch
 # Learning rate of everything but the text encoder when train.lr is 0: the tiny CNNs
@@ -45,6 +48,10 @@ PRESET_LR = {"tiny": 2e-3, "default": 3e-4, "paper": 3e-4}
 # for sparsity, and the tiny CNNs have too little to spare; the paper-size ones need
 # it for the CDF rule at st 0.8 to keep about half of the feature-extraction FLOPs.
 PRESET_ENTROPY = {"tiny": 0.0, "default": 0.5, "paper": 0.5}
+# Weight-average decay when train.ema_decay < 0: the paper-size models' validation
+# accuracy swings between epochs (the sparse one most), the tiny ones' does not.
+PRESET_EMA = {"tiny": 0.0, "default": 0.99, "paper": 0.99}
+EMA_FILE = "ema.safetensors"  # the weight average's state in RUN/last/ (resume)
 
 
 @dataclass(frozen=True)
@@ -232,12 +239,17 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         weight_decay=cfg.train.weight_decay,
     )
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0}
+    ema_decay = cfg.train.ema_decay if cfg.train.ema_decay >= 0 else PRESET_EMA[job.preset]
     if resuming:
         model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
         state = _load_state(last, optimizer, device)
         print(f"[train] resuming after epoch {state['epoch']} (best macro-F1 {state['best_f1']:.4f})")
     elif job.resume:
         print("[train] --resume: no previous state in this run folder, starting fresh")
+    average = WeightAverage(model, ema_decay) if ema_decay > 0 else None
+    if average is not None and resuming and (last / EMA_FILE).exists():
+        average.model.load_state_dict(load_file(str(last / EMA_FILE), device=str(device)))
+    kept = model if average is None else average.model  # the weights validated and kept
     if not resuming and (job.out / "metrics.jsonl").exists():
         (job.out / "metrics.jsonl").unlink()
 
@@ -272,9 +284,11 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             if cfg.train.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
             optimizer.step()
+            if average is not None:
+                average.update((epoch - 1) * len(loader) + step)
             total += loss.item() * len(labels)
             count += len(labels)
-        pred = predict(model, valid_loader, device)
+        pred = predict(kept, valid_loader, device)
         f1 = macro_f1(pred["label"], pred["pred"], len(persons))
         valid_loss = float(-np.log(np.clip(pred["prob"][np.arange(len(pred["label"])), pred["label"]], 1e-12, None)).mean())
         row = {
@@ -295,15 +309,17 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         # by a new kept checkpoint (early_stop = "f1_loss"), or only by a higher macro-F1
         # ("f1": a run whose F1 is at its ceiling stops even while its loss still falls).
         higher = f1 > state["best_f1"]
-        kept = higher or (f1 == state["best_f1"] and valid_loss < state.get("best_loss", np.inf))
-        if kept:
+        better = higher or (f1 == state["best_f1"] and valid_loss < state.get("best_loss", np.inf))
+        if better:
             state.update(best_f1=f1, best_loss=valid_loss, best_epoch=epoch)
-            save_checkpoint(job.out, model, meta, tok_file)
-        reset = higher if cfg.train.early_stop == "f1" else kept
+            save_checkpoint(job.out, kept, meta, tok_file)
+        reset = higher if cfg.train.early_stop == "f1" else better
         state["bad_epochs"] = 0 if reset else state["bad_epochs"] + 1
         state["epoch"] = epoch
         last.mkdir(exist_ok=True)
         save_checkpoint(last, model, meta, tok_file)
+        if average is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in average.model.state_dict().items()}, str(last / EMA_FILE))
         _save_state(last, optimizer, state)
     fusion = None
     if cfg.train.fusion_fit == "valid" and (job.out / "model.safetensors").exists():
