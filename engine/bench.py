@@ -6,11 +6,12 @@
 Two scopes, on identical inputs for every backend:
 - ``model``: the backend's forward on a collated Batch (features precomputed).
 - ``window``: a simulated stream (3 s windows, 1 s hop, one frame every
-  img_interval_ms at 224x224): MTCNN face detection + crop, log-mel chunks,
-  tokenisation, collate and the forward. What overlapping windows share is not
-  recomputed: each sampled frame is detected and cropped once and its crop is
-  cached (with 500 ms frames, 2 of a window's 6 frames are new). Log-mel and
-  tokens are recomputed per window (their cost is under a millisecond), and the
+  img_interval_ms at 224x224): face detection + crop (engine/faces.py), log-mel
+  chunks, tokenisation, collate and the forward. What overlapping windows share
+  is not recomputed: each sampled frame is detected and cropped once and its crop
+  is cached (with 500 ms frames, 2 of a window's 6 frames are new); the new
+  frames of a batch of windows are detected in one call. Log-mel (one call per
+  batch, on the engine's device) and tokens are computed per window, and the
   model runs on the whole window (nothing inside the model is cached).
 
 Batch 1 gives per-window latency p50/p95; batches 8 and 32 give throughput.
@@ -430,8 +431,9 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     lines = ["## Engine", "",
              f"`mmid bench` on {time.strftime('%Y-%m-%d %H:%M')}: {machine()}; "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
-             "Window scope = MTCNN on each sampled frame once (crops cached across the 1 s-hop windows: 2 new of 6 "
-             "frames per window), log-mel + tokenisation per window, forward per window. Model scope = forward only.", "",
+             "Window scope = face detection (batched MTCNN cascade) on each sampled frame once (crops cached across "
+             "the 1 s-hop windows: 2 new of 6 frames per window; a batch's new frames in one call), log-mel + "
+             "tokenisation per window, forward per window. Model scope = forward only.", "",
              "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | sparse budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

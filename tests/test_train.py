@@ -143,6 +143,33 @@ def test_kept_checkpoint_carries_the_fitted_fusion_weights(tiny_runs):
         assert fit["valid_accuracy_after"] >= fit["valid_accuracy_before"] - 0.1, fit
 
 
+def test_sparse_entropy_weights_per_modality():
+    from training.train import sparse_entropy_weights
+
+    cfg = lambda *o: load_config(None, list(o))  # noqa: E731
+    assert sparse_entropy_weights(cfg(), "tiny") == {"visual": 0.0, "audio": 0.0}
+    assert sparse_entropy_weights(cfg(), "default") == {"visual": 0.5, "audio": 0.2}
+    assert sparse_entropy_weights(cfg("train.sparse_entropy_weight=1"), "paper") == {"visual": 1.0, "audio": 1.0}
+    assert sparse_entropy_weights(cfg("train.sparse_entropy_weight_audio=0"), "paper") == {"visual": 0.5, "audio": 0.0}
+
+
+def test_weight_average_moves_towards_the_live_weights():
+    from training.weight_average import WeightAverage
+
+    live = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightAverage(live, decay=0.9)
+    start = avg.model[0].weight.clone()
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+        live[1].num_batches_tracked.fill_(7)
+    avg.update(step=1000)  # past the ramp: decay 0.9
+    assert torch.allclose(avg.model[0].weight, start + 0.1)
+    assert avg.model[1].num_batches_tracked.item() == 7  # integer buffers are copied
+    assert not avg.model[0].weight.requires_grad and not avg.model.training
+    avg.update(step=0)  # ramp: decay (1 + 0) / (10 + 0) = 0.1
+    assert torch.allclose(avg.model[0].weight, start + 0.1 + 0.9 * 0.9)
+
+
 def test_metrics_by_hand():
     y_true = np.array([0, 0, 1, 1, 2])
     y_pred = np.array([0, 1, 1, 1, 0])
