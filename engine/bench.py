@@ -440,9 +440,17 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         lines.append(f"| {r['model']} | {r['backend']} | {r.get('device', 'cpu')} | {r['scope']} | {r['batch']} | "
                      f"{r['p50_ms']} | {r['p95_ms']} | {r['windows_per_s']} | {r.get('peak_mib', '')} | "
                      f"{r.get('gflops_per_window', '')} | {r.get('sparse_budget') or ''} |")
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Engine")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    path.write_text(replace_section(path.read_text() if path.exists() else "# Benchmarks\n", "## Engine", lines))
+
+
+def replace_section(text: str, heading: str, lines: list[str]) -> str:
+    """Replace the section whose heading line is exactly ``heading`` (up to the next
+    '## ' heading) by ``lines``, in place; append it when there is none."""
+    body = "\n".join(lines) + "\n"
+    doc = text.split("\n")
+    if heading not in doc:
+        return text.rstrip() + "\n\n" + body
+    start = doc.index(heading)
+    end = next((i for i in range(start + 1, len(doc)) if doc[i].startswith("## ")), len(doc))
+    rest = "\n".join(doc[end:])
+    return "\n".join(doc[:start]) + "\n" + body + ("\n" + rest if rest else "")

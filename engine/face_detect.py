@@ -33,6 +33,7 @@ MIN_FACE = 20  # pixels, smallest face searched for
 FACTOR = 0.709  # image pyramid scale step
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net face probability
 PNET_STRIDE, PNET_CELL = 2, 12
+CPU_CHUNK = 512  # crops per R-Net/O-Net call on the CPU
 
 
 class BatchedMTCNN:
@@ -72,7 +73,7 @@ class BatchedMTCNN:
         table = integral_image(frames) if table is None else table  # (N, 3, H+1, W+1) int32
         # R-Net: refine and re-score the proposals
         if len(boxes):
-            reg, prob = self.rnet(normalise(area_crops(table, image, *clip_box(boxes, w, h), 24)))
+            reg, prob = self._chunked(self.rnet, normalise(area_crops(table, image, *clip_box(boxes, w, h), 24)))
             keep = prob[:, 1] > THRESHOLDS[1]
             boxes, image, reg, score = boxes[keep], image[keep], reg[keep], prob[keep, 1]
             pick = _nms(boxes, score, image, 0.7)
@@ -80,13 +81,20 @@ class BatchedMTCNN:
             image = image[pick]
         # O-Net: final boxes
         if len(boxes):
-            reg, _, prob = self.onet(normalise(area_crops(table, image, *clip_box(boxes, w, h), 48)))
+            reg, _, prob = self._chunked(self.onet, normalise(area_crops(table, image, *clip_box(boxes, w, h), 48)))
             keep = prob[:, 1] > THRESHOLDS[2]
             boxes, image, reg, score = boxes[keep], image[keep], reg[keep], prob[keep, 1]
             boxes = regress(boxes, reg)
             pick = nms_min(boxes, score, image, 0.7)
             boxes, image = boxes[pick], image[pick]
         return largest_per_image(boxes, image, n)
+
+    def _chunked(self, net: torch.nn.Module, crops: Tensor) -> tuple[Tensor, ...]:
+        """``net`` over the crops in chunks: on the CPU, batches of 512 crops run R-Net about
+        twice as fast as one batch of thousands (measured with 2 threads); a GPU takes them all."""
+        step = len(crops) if self.device.type == "cuda" else CPU_CHUNK
+        outs = [net(crops[i : i + step]) for i in range(0, len(crops), max(step, 1))]
+        return tuple(torch.cat(parts) for parts in zip(*outs))
 
     def _proposals(self, imgs: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
         """P-Net over the pyramid -> squared candidate boxes (K, 4) and their frame index (K,)."""

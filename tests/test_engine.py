@@ -280,3 +280,13 @@ def test_tensorrt_missing_is_a_clear_error(engines):
         pass
     with pytest.raises(RuntimeError, match="TensorRT"):
         Engine.load(engines["mme2e"][1], backend="tensorrt")
+
+
+def test_bench_replaces_only_its_own_section_in_place():
+    from engine.bench import replace_section
+
+    doc = "# Benchmarks\n\n## Engine\n\nold rows\n\n## Engine against the targets\n\nnotes\n\n## Stream\n\ns\n"
+    once = replace_section(doc, "## Engine", ["## Engine", "", "new rows"])
+    assert once == doc.replace("old rows", "new rows")
+    assert replace_section(once, "## Engine", ["## Engine", "", "new rows"]) == once  # idempotent, notes kept
+    assert replace_section("# Benchmarks\n", "## Engine", ["## Engine"]).endswith("\n\n## Engine\n")
