@@ -61,7 +61,8 @@ def collect_branch_logits(model: torch.nn.Module, loader: DataLoader, device: to
 
 def fit_fusion_logits(logits: torch.Tensor, present: torch.Tensor, labels: torch.Tensor,
                       init: torch.Tensor, l2: float, steps: int = 100) -> torch.Tensor:
-    """Minimise CE(fused) + l2 * |w|^2 over the three fusion logits w (deterministic L-BFGS)."""
+    """Minimise CE(fused) + l2 * |w - mean(w)|^2 over the three fusion logits w (the softmax
+    ignores a common shift, so the pull is towards uniform weights; deterministic L-BFGS)."""
     w = init.detach().clone().float().requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 

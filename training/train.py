@@ -224,6 +224,10 @@ def _load_state(folder: Path, optimizer: torch.optim.Optimizer, device: torch.de
     return json.loads((folder / "state.json").read_text())
 
 
+def _shown(weights: tuple[float, ...]) -> str:
+    return " / ".join(f"{v:.3f}" for v in weights)
+
+
 def run_training(job: TrainJob, cfg: Config) -> dict:
     """Train, validate every epoch, keep the best checkpoint in ``job.out``; return a summary."""
     seed_everything(cfg.train.seed)
@@ -335,8 +339,8 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         model.load_state_dict(load_file(str(job.out / "model.safetensors"), device=str(device)))
         fusion = fit_fusion(model, valid_loader, device, cfg.train.fusion_fit_l2)
         save_checkpoint(job.out, model, meta, tok_file)
-        print(f"[train] fusion weights fitted on validation (text, audio, visual): {fusion.before} -> {fusion.after}; "
-              f"valid accuracy {fusion.valid_accuracy_before:.4f} -> {fusion.valid_accuracy_after:.4f}")
+        print(f"[train] fusion weights fitted on validation (text / audio / visual): {_shown(fusion.before)} -> "
+              f"{_shown(fusion.after)}; valid accuracy {fusion.valid_accuracy_before:.4f} -> {fusion.valid_accuracy_after:.4f}")
     summary = {
         "best_epoch": state["best_epoch"],
         "best_valid_macro_f1": state["best_f1"],
