@@ -30,8 +30,7 @@ def main(data: Path, runs: list[Path]) -> None:
         if not (run / "model.safetensors").exists():
             print(json.dumps({"run": run.name, "error": "no checkpoint"}))
             continue
-        device = "auto"
-        ev = evaluate.evaluate_run(run, data, "test", cfg, device=device)
+        ev = evaluate.evaluate_run(run, data, "test", cfg, device="auto")
         fl = count_flops(run, data, "test")
         summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
         rows[run.name] = {
