@@ -6,14 +6,17 @@
 #   .gpu/data.tar.xz    a prepared dataset folder `data/` (mmid prepare)
 #   .gpu/minilm.tar.xz  a text-encoder folder `minilm/` (config.json, tokenizer.json,
 #                       model.safetensors; fp16, embedding rows no transcript uses zeroed)
-# or set DATA and TEXT to folders that are already there. One run per line of
-# ${CONFIGS:-benchmarks/sweep.txt}: NAME MODEL [--set key=value ...].
-# Results go to ${OUT:-gpu-out}/: NAME.log per run and summary.jsonl.
+# or set DATA and TEXT to folders that are already there. Further datasets may come as
+# .gpu/data*.tar.xz (each holding one folder); a run line selects one with
+# `--data @WORK/FOLDER`. One run per line of ${CONFIGS:-benchmarks/sweep.txt}:
+# NAME MODEL [--data @WORK/FOLDER] [--set key=value ...].
+# Results go to ${OUT:-gpu-out}/: NAME.log and NAME.metrics.jsonl per run, summary.jsonl.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/sweep}
 mkdir -p "$OUT" "$WORK/runs"
 if [ -z "${DATA:-}" ]; then tar xJf .gpu/data.tar.xz -C "$WORK" && DATA=$WORK/data; fi
+for extra_data in .gpu/data?*.tar.xz; do [ -e "$extra_data" ] && tar xJf "$extra_data" -C "$WORK"; done
 if [ -z "${TEXT:-}" ]; then tar xJf .gpu/minilm.tar.xz -C "$WORK" && TEXT=$WORK/minilm; fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 if ! python3 -c "import tqdm" 2>/dev/null; then  # progress bars only: a pass-through stand-in
@@ -22,6 +25,7 @@ if ! python3 -c "import tqdm" 2>/dev/null; then  # progress bars only: a pass-th
 fi
 while read -r name model extra; do
   [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+  extra=${extra//@WORK/$WORK}
   # shellcheck disable=SC2086
   timeout "${TRAIN_TIMEOUT:-330}" python3 -m engine.cli train --data "$DATA" --model "$model" --out "$WORK/runs/$name" \
     --preset "${PRESET:-default}" --device "${DEVICE:-cuda}" --set "model.text_model=$TEXT" \
@@ -29,4 +33,5 @@ while read -r name model extra; do
     > "$OUT/$name.log" 2>&1 &
 done < "${CONFIGS:-benchmarks/sweep.txt}"
 wait
+for run in "$WORK"/runs/*; do cp "$run/metrics.jsonl" "$OUT/$(basename "$run").metrics.jsonl" 2>/dev/null; done
 python3 benchmarks/sweep_summary.py "$DATA" "$WORK"/runs/* | tee "$OUT/summary.jsonl"

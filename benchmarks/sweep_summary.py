@@ -1,7 +1,9 @@
 """One JSON line per run folder: test accuracy, macro-F1, each branch alone, the
 fitted fusion weights, epochs, training time, and feature-extraction FLOPs (also
-relative to a run named ``dense`` when there is one). Plots are skipped when
-matplotlib is missing (lent GPU machines may lack it).
+relative to the first run named ``dense...`` trained on the same data). Each run is
+evaluated on the dataset it was trained on (recorded in its checkpoint), DATA when
+none is recorded. Plots are skipped when matplotlib is missing (lent GPU machines
+may lack it).
 
     python3 benchmarks/sweep_summary.py DATA RUN [RUN ...]
 """
@@ -30,21 +32,25 @@ def main(data: Path, runs: list[Path]) -> None:
         if not (run / "model.safetensors").exists():
             print(json.dumps({"run": run.name, "error": "no checkpoint"}))
             continue
-        ev = evaluate.evaluate_run(run, data, "test", cfg, device="auto")
-        fl = count_flops(run, data, "test")
+        run_data = Path(json.loads((run / "model.json").read_text()).get("extra", {}).get("data") or data)
+        ev = evaluate.evaluate_run(run, run_data, "test", cfg, device="auto")
+        fl = count_flops(run, run_data, "test")
         summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
         rows[run.name] = {
-            "run": run.name, "n": ev["n"], "accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
+            "run": run.name, "data": run_data.name, "n": ev["n"], "accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
             "alone": {k: None if v["accuracy"] is None else round(v["accuracy"], 4) for k, v in ev["per_modality"].items()},
             "fusion": (summary.get("fusion_fit") or {}).get("weights_after"),
             "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
             "train_seconds": summary.get("train_seconds"),
             "feature_gflops": round(fl["feature_extraction_flops"] / 1e9, 3), "active_fraction": fl["active_fraction"],
         }
-    dense = rows.get("dense")
+    dense: dict[str, float] = {}
+    for name, row in rows.items():
+        if name.startswith("dense"):
+            dense.setdefault(row["data"], row["feature_gflops"])
     for row in rows.values():
-        if dense:
-            row["feature_vs_dense"] = round(row["feature_gflops"] / dense["feature_gflops"], 3)
+        if row["data"] in dense:
+            row["feature_vs_dense"] = round(row["feature_gflops"] / dense[row["data"]], 3)
         print(json.dumps(row))
 
 

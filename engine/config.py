@@ -80,6 +80,8 @@ class TrainConfig:
     modality_dropout: float = 0.2
     sparse_entropy_weight: float = -1.0
     sparse_entropy_weight_audio: float = -1.0
+    sparse_entropy_target: float = -1.0
+    guide_dropout: float = -1.0
     patience: int = 10
     early_stop: Literal["f1_loss", "f1"] = "f1_loss"
     ema_decay: float = -1.0

@@ -207,6 +207,9 @@ class MME2ESparse(_MME2EBase):
         self.null_guide = nn.Parameter(torch.zeros(dims.text_hidden))  # query when the text is absent
         self.sparse_budget: tuple[float, ...] | None = tuple(dims.sparse_budget) or None
         self.last_active_fractions: dict[str, Tensor] = {}
+        # Training only: probability per sample that its sparse attention is guided by
+        # null_guide instead of its transcript (set by training; eval never drops).
+        self.guide_dropout = 0.0
 
     def set_sparse_budget(self, budget: Sequence[float] | None) -> None:
         """None: CDF rule (the paper). A fraction per stage: fixed top-k sites per frame."""
@@ -216,16 +219,17 @@ class MME2ESparse(_MME2EBase):
                 raise ValueError(f"sparse budget {budget}: expected {len(self.dims.stage_channels)} fractions in (0, 1]")
         self.sparse_budget = budget
 
-    def attention_entropy(self, weights: dict[str, float] | None = None) -> Tensor | None:
+    def attention_entropy(self, weights: dict[str, float] | None = None, target: float = 0.0) -> Tensor | None:
         """Mean normalised attention entropy of the sparse stages that ran in the last
-        training forward, for the training loss to penalise: the mean over each
-        modality's stages, times ``weights[modality]`` (default 1), averaged over the
-        modalities that ran (None if none did). Reading clears it, so a stage skipped in
-        the next step (a batch without any face) is not counted again with a graph that
-        backward has already freed."""
+        training forward, for the training loss to penalise: each stage's entropy above
+        ``target`` (a hinge; 0 = the entropy itself), the mean over each modality's
+        stages, times ``weights[modality]`` (default 1), averaged over the modalities
+        that ran (None if none did). Reading clears it, so a stage skipped in the next
+        step (a batch without any face) is not counted again with a graph that backward
+        has already freed."""
         per_modality = []
         for name, cnn in (("audio", self.audio_cnn), ("visual", self.visual_cnn)):
-            values = [stage.last_entropy for stage in cnn.stages if stage.last_entropy is not None]
+            values = [(stage.last_entropy - target).clamp(min=0.0) for stage in cnn.stages if stage.last_entropy is not None]
             for stage in cnn.stages:
                 stage.last_entropy = None
             if values:
@@ -239,7 +243,12 @@ class MME2ESparse(_MME2EBase):
         return [(h, w, cin, cout) for (h, w), cin, cout in zip(grids, cins, self.dims.stage_channels)]
 
     def text_guide(self, text_cls: Tensor, text_present: Tensor) -> Tensor:
-        return torch.where(text_present[:, None], text_cls, self.null_guide.type(text_cls.dtype))
+        """text_cls (B, Ht), text_present (B,) -> guide (B, Ht): the transcript's CLS, or
+        null_guide without text (and, in training, for a random guide_dropout share)."""
+        use_text = text_present
+        if self.training and self.guide_dropout > 0:
+            use_text = use_text & (torch.rand(use_text.shape, device=use_text.device) >= self.guide_dropout)
+        return torch.where(use_text[:, None], text_cls, self.null_guide.type(text_cls.dtype))
 
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn

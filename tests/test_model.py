@@ -249,3 +249,37 @@ def test_attention_entropy_is_counted_once_per_training_step():
         assert entropy is not None and 0.0 <= entropy.item() <= 1.0
         (out.logits.sum() + entropy).backward()
         assert model.attention_entropy() is None  # read once per step
+
+
+def test_attention_entropy_target_is_a_hinge():
+    """Stages whose entropy is below the target add nothing (and no gradient); above
+    it, the excess is penalised."""
+    torch.manual_seed(0)
+    model = build_model(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB)).train()
+    batch = make_batch([(3, 2, 4), (2, 3, 5)], seed=3)
+    model(*batch)
+    full = model.attention_entropy()
+    model(*batch)
+    stages = [s.last_entropy.item() for cnn in (model.audio_cnn, model.visual_cnn) for s in cnn.stages]
+    target = sorted(stages)[len(stages) // 2]
+    hinged = model.attention_entropy(target=target)
+    assert 0.0 < hinged.item() < full.item()
+    model(*batch)
+    assert model.attention_entropy(target=1.0).item() == 0.0
+
+
+def test_guide_dropout_swaps_in_the_null_guide_in_training_only():
+    torch.manual_seed(0)
+    model = build_model(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB))
+    with torch.no_grad():
+        model.null_guide.fill_(7.0)
+    text_cls = torch.randn(64, model.dims.text_hidden)
+    present = torch.ones(64, dtype=torch.bool)
+    model.guide_dropout = 0.5
+    model.train()
+    guide = model.text_guide(text_cls, present)
+    dropped = (guide == 7.0).all(1)
+    assert 10 < int(dropped.sum()) < 54  # about half, per sample
+    assert torch.equal(guide[~dropped], text_cls[~dropped])
+    model.eval()
+    assert torch.equal(model.text_guide(text_cls, present), text_cls)

@@ -7,8 +7,11 @@ chosen, ``fit_fusion`` refits the fusion logits (the model's ``fusion`` paramete
 a softmax over the modalities present in a window) on the validation split with
 the branches frozen: cross-entropy of the fused logits plus an L2 pull towards
 uniform weights, so that a validation set that one branch alone separates does
-not drive the others' weights to zero. This step is ours, not the paper's
-(``train.fusion_fit = "none"`` keeps the weights learned in training).
+not drive the others' weights to zero. The fit lowers the loss, which is not the
+same as raising accuracy: a refit that classifies fewer validation windows
+correctly than the learned weights is discarded (``applied`` False). This step is
+ours, not the paper's (``train.fusion_fit = "none"`` keeps the weights learned in
+training).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ class FusionFit:
     """Outcome of one fit (reported in train_summary.json)."""
 
     before: tuple[float, ...]  # softmax of the fusion logits before the fit (text, audio, visual)
-    after: tuple[float, ...]
+    after: tuple[float, ...]  # the weights kept: the refit's, or ``before`` when it was discarded
     valid_accuracy_before: float
     valid_accuracy_after: float
     n: int
+    applied: bool = True  # False: the refit was less accurate on validation and was discarded
 
     def as_dict(self) -> dict:
         return {
@@ -42,6 +46,7 @@ class FusionFit:
             "valid_accuracy_before": self.valid_accuracy_before,
             "valid_accuracy_after": self.valid_accuracy_after,
             "n": self.n,
+            "applied": self.applied,
         }
 
 
@@ -76,18 +81,28 @@ def fit_fusion_logits(logits: torch.Tensor, present: torch.Tensor, labels: torch
     return w.detach()
 
 
-def fit_fusion(model: torch.nn.Module, loader: DataLoader, device: torch.device, l2: float) -> FusionFit:
-    """Refit ``model.fusion`` in place on the loader's (validation) windows."""
-    logits, present, labels = collect_branch_logits(model, loader, device)
-    old = model.fusion.detach().float().cpu().clone()
+def refit(logits: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, old: torch.Tensor,
+          l2: float) -> tuple[torch.Tensor, FusionFit]:
+    """-> (fusion logits to keep, report): the refit when it is at least as accurate on
+    these windows as ``old``, else ``old``."""
     new = fit_fusion_logits(logits, present, labels, old, l2)
 
     def acc(w: torch.Tensor) -> float:
         return float((late_fusion(w, logits, present).argmax(1) == labels).float().mean())
 
+    before, after = acc(old), acc(new)
+    applied = after >= before
+    kept = new if applied else old
+    return kept, FusionFit(_weights(old), _weights(kept), before, max(before, after), int(labels.numel()), applied)
+
+
+def fit_fusion(model: torch.nn.Module, loader: DataLoader, device: torch.device, l2: float) -> FusionFit:
+    """Refit ``model.fusion`` in place on the loader's (validation) windows."""
+    logits, present, labels = collect_branch_logits(model, loader, device)
+    kept, report = refit(logits, present, labels, model.fusion.detach().float().cpu().clone(), l2)
     with torch.no_grad():
-        model.fusion.copy_(new.to(model.fusion.device, model.fusion.dtype))
-    return FusionFit(_weights(old), _weights(new), acc(old), acc(new), int(labels.numel()))
+        model.fusion.copy_(kept.to(model.fusion.device, model.fusion.dtype))
+    return report
 
 
 def _weights(fusion: torch.Tensor) -> tuple[float, ...]:
