@@ -99,6 +99,7 @@ class EngineConfig:
     threads: int = 0
     sparse_budget: float = 0.0
     fp16: bool = True
+    feature_cache: int = 1024
 
 
 @dataclass(frozen=True)

@@ -162,11 +162,16 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
         model.set_sparse_budget(budget)
         dims = dataclasses.replace(dims, sparse_budget=budget)
     export_onnx(model, out / "model.onnx")
+    split = None
+    if dims.name == "mme2e":  # per-frame CNN graphs + head: CNN outputs reused across overlapping windows
+        from engine.backends.feature_cache import export_split
+
+        split = export_split(model, out)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     info = {
         "format_version": ENGINE_FORMAT_VERSION, "backend": backend, "graph": "model.onnx", "int8_graph": None,
-        "plan": None, "weights": "model.safetensors", "dims": json.loads(dims.to_json()), "persons": list(persons),
+        "plan": None, "split_graphs": split, "weights": "model.safetensors", "dims": json.loads(dims.to_json()), "persons": list(persons),
         "features": features.to_dict(), "sparse_budget": list(dims.sparse_budget) or None,
         "flops_per_window": flops_report(model), "versions": versions(), "source": source,
     }

@@ -109,7 +109,8 @@ def select_frames(n: int, found: np.ndarray, params: FeatureParams) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=8)
-def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int, device: str = "cpu"):
+def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int, device: str = "cpu",
+                   center: bool = True):
     import warnings
 
     import torchaudio
@@ -119,7 +120,8 @@ def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int, d
         # they read log(1e-6) always. Expected, so torchaudio's warning is silenced.
         warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
         return torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, win_length=n_fft, hop_length=hop_length, n_mels=n_mels
+            sample_rate=sample_rate, n_fft=n_fft, win_length=n_fft, hop_length=hop_length, n_mels=n_mels,
+            center=center,
         ).to(device)
 
 
@@ -160,6 +162,34 @@ def mel_chunks(audio: np.ndarray | torch.Tensor, params: Any = None) -> torch.Te
     """
     p = as_params(params) if params is not None else FeatureParams()
     return _chunk(log_mel(audio, p)[None], p)[0]
+
+
+def grid_mel_chunks(audio: np.ndarray, offset: int, params: Any = None) -> torch.Tensor:
+    """Log-mel chunks of a stream window on the stream's chunk grid -> (C, 1, n_mels, chunk_frames).
+
+    ``audio`` float32 mono holds stream samples ``offset`` .. ``offset + len(audio)``
+    (indices since the stream began). Chunks start at multiples of chunk_frames *
+    hop_length samples (0.4 s), so overlapping windows whose starts differ by any
+    amount cut the same chunks where they overlap. Each chunk is computed from its
+    own samples plus n_fft // 2 on each side (a chunk is kept only when the window
+    holds that context): its frames equal those of one centred spectrogram over the
+    whole stream, as training's utterance spectrograms are, and a chunk comes out
+    bit-identical in every window that holds it (what the engine's feature cache
+    keys on). A 3 s window holds 6 or 7 chunks, at most max_chunks."""
+    p = as_params(params) if params is not None else FeatureParams()
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    grid, ctx = p.chunk_frames * p.hop_length, p.n_fft // 2
+    first = -(-(offset + ctx) // grid) * grid  # first grid start with ctx samples of the window before it
+    starts = list(range(first, offset + audio.shape[0] - ctx - grid + 1, grid))[: p.max_chunks]
+    if not starts:
+        return torch.zeros(0, 1, p.n_mels, p.chunk_frames)
+    transform = _mel_transform(p.sample_rate, p.n_fft, p.hop_length, p.n_mels, "cpu", center=False)
+    chunks = []
+    with torch.no_grad():
+        for start in starts:  # one call per chunk: same shapes, so the same bits wherever the chunk sits
+            segment = torch.from_numpy(audio[start - ctx - offset: start + grid + ctx - offset])
+            chunks.append(transform(segment)[:, : p.chunk_frames])  # (n_mels, chunk_frames)
+    return torch.log(torch.stack(chunks) + LOG_EPS)[:, None]  # (C, 1, n_mels, chunk_frames)
 
 
 def mel_chunks_batch(audios: Sequence[np.ndarray], params: Any = None, device: str = "cpu") -> list[torch.Tensor]:

@@ -106,14 +106,17 @@ class _MME2EBase(nn.Module):
     def encode(self, modality: str, x: Tensor, mask: Tensor, text_cls: Tensor) -> Tensor:
         """x (B, F, Cin, H, W), mask (B, F) -> (B, trans_dim)."""
         x, mask = _at_least_one_frame(x, mask)
+        return self._sequence(modality, self.cnn_features(modality, x, mask, text_cls), mask)
+
+    def cnn_features(self, modality: str, x: Tensor, mask: Tensor, text_cls: Tensor) -> Tensor:
+        """x (B, F, Cin, H, W) with F >= 1, mask (B, F) -> flattened CNN maps (B, F, flat)."""
         B, F = mask.shape
         x = torch.where(mask[:, :, None, None, None], x, torch.zeros_like(x))  # padding/absent -> zeros
         flat_mask = mask.reshape(B * F)
         frames = x.reshape(B * F, *x.shape[2:])  # (B*F, Cin, H, W)
         guide = text_cls[:, None, :].expand(B, F, -1).reshape(B * F, -1)  # (B*F, G)
         if not self.gather_real_frames:  # static shapes (export, CUDA graphs): every frame through the CNN
-            feats = self.frame_features(modality, frames, flat_mask, guide)
-            return self._sequence(modality, feats.reshape(B, F, -1), mask)
+            return self.frame_features(modality, frames, flat_mask, guide).reshape(B, F, -1)
         # The CNN runs on the N real frames only; padded and absent frames get zero
         # features (the transformer masks them out). N may be 0: an empty CNN batch.
         real = flat_mask.nonzero().reshape(-1)  # (N,) indices of real frames
@@ -123,7 +126,7 @@ class _MME2EBase(nn.Module):
         else:
             feats = self.frame_features(modality, frames, flat_mask.index_select(0, real), guide.index_select(0, real))
             feats = feats.new_zeros(B * F, feats.shape[1]).index_copy(0, real, feats)  # (B*F, flat)
-        return self._sequence(modality, feats.reshape(B, F, -1), mask)
+        return feats.reshape(B, F, -1)
 
     def _sequence(self, modality: str, feats: Tensor, mask: Tensor) -> Tensor:
         """feats (B, F, flat), mask (B, F) -> CLS (B, trans_dim)."""
@@ -144,6 +147,11 @@ class _MME2EBase(nn.Module):
         guide = self.text_guide(text_cls, present[:, 0])  # (B, Ht)
         audio_cls = self.encode("audio", audio, audio_mask, guide)  # (B, D)
         visual_cls = self.encode("visual", faces, face_mask, guide)  # (B, D)
+        return self._heads(text_cls, audio_cls, visual_cls, present)
+
+    def _heads(self, text_cls: Tensor, audio_cls: Tensor, visual_cls: Tensor, present: Tensor) -> ModelOutput:
+        """CLS vectors (B, Ht), (B, D), (B, D), present (B, 3) -> per-modality logits,
+        late fusion and the fused embedding."""
         per_modality = torch.stack([self.text_out(text_cls), self.audio_out(audio_cls), self.visual_out(visual_cls)], dim=1)
         per_modality = torch.where(present[:, :, None], per_modality, torch.zeros_like(per_modality))  # (B, 3, P)
         logits = late_fusion(self.fusion, per_modality, present)  # (B, P)
@@ -164,6 +172,24 @@ class MME2E(_MME2EBase):
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
         return cnn(x).flatten(1)  # (N, flat)
+
+    def forward_from_features(self, visual_feats: Tensor, face_mask: Tensor, audio_feats: Tensor, audio_mask: Tensor,
+                              text: Tensor, text_mask: Tensor) -> ModelOutput:
+        """``forward`` after the CNNs: their outputs per frame and per chunk given.
+
+        visual_feats (B, F, flat_visual), audio_feats (B, C, flat_audio): the
+        flattened CNN maps of each frame/chunk (``frame_features``), any values where
+        the mask is False. In the dense model a frame's CNN output depends on that
+        frame alone, so callers may compute it once and reuse it in every window that
+        holds the frame (engine/backends/feature_cache.py)."""
+        text, text_mask = _at_least_one_token(text, text_mask)
+        visual_feats, face_mask = _at_least_one_frame(visual_feats, face_mask)
+        audio_feats, audio_mask = _at_least_one_frame(audio_feats, audio_mask)
+        present = torch.stack([text_mask.any(1), audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
+        text_cls = self.text(text, text_mask)  # (B, Ht)
+        audio_cls = self._sequence("audio", audio_feats, audio_mask)  # (B, D)
+        visual_cls = self._sequence("visual", visual_feats, face_mask)  # (B, D)
+        return self._heads(text_cls, audio_cls, visual_cls, present)
 
 
 class SparseCNN(nn.Module):

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.backends import BACKENDS, Backend
 from engine.dims import ModelDims
-from engine.features import Batch, FeatureParams, Tokenizer, collate, make_sample, mel_chunks_batch
+from engine.features import Batch, FeatureParams, Tokenizer, collate, grid_mel_chunks, make_sample, mel_chunks_batch
 
 log = logging.getLogger("mmid.engine")
 
@@ -88,9 +88,12 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int = 0, *, int8: bool | str = False,
              device: str | None = None, compile: bool = False, cuda_graphs: bool = False,
-             half: bool = False) -> "Engine":
+             half: bool = False, feature_cache: int = 0) -> "Engine":
         """Load an engine folder (``mmid export``) or a run folder (torch backend).
-        ``compile``, ``cuda_graphs`` and ``half`` (fp16 autocast) apply to the torch backend."""
+        ``compile``, ``cuda_graphs`` and ``half`` (fp16 autocast) apply to the torch backend.
+        ``feature_cache`` > 0: the ONNX backend of a dense engine keeps that many CNN
+        outputs per modality and reuses them for frames/chunks seen before
+        (engine/backends/feature_cache.py; exact, so the outputs do not change)."""
         path = Path(path)
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend={backend!r}: expected 'auto' or one of {BACKENDS}")
@@ -108,7 +111,7 @@ class Engine:
         else:
             raise FileNotFoundError(f"{path} is neither an engine folder ({ENGINE_FILE}) nor a run folder (model.json)")
         choice = _choose_backend(path, info, backend, device)
-        impl = _open_backend(choice, path, info, dims, threads, int8, device, compile, cuda_graphs, half)
+        impl = _open_backend(choice, path, info, dims, threads, int8, device, compile, cuda_graphs, half, feature_cache)
         log.info("engine %s: backend %s on %s (asked: %s)", path, impl.name, impl.device, backend)
         tokenizer = Tokenizer(path / "tokenizer.json", max_tokens=params.max_tokens)
         return cls(impl, dims, persons, params, tokenizer, info)
@@ -120,15 +123,26 @@ class Engine:
     def identify(self, batch: Batch) -> list[Identification]:
         return identifications(self.backend.run(batch), self.persons)
 
-    def identify_raw(self, windows: Sequence[tuple[np.ndarray, Any, np.ndarray, str]]) -> list[Identification]:
-        """[(crops uint8 (F,S,S,3), face_found (F,), audio float32 16 kHz, transcript), ...] -> answers."""
+    def identify_raw(self, windows: Sequence[tuple]) -> list[Identification]:
+        """[(crops uint8 (F,S,S,3), face_found (F,), audio float32 16 kHz, transcript[, audio_offset]), ...]
+        -> answers. ``audio_offset``: the stream index of the window's first audio sample;
+        given (>= 0), the audio is cut on the stream's chunk grid (``grid_mel_chunks``), so
+        overlapping windows share chunks and the feature cache reuses their CNN outputs."""
         return self.identify(self.collate_raw(windows))
 
-    def collate_raw(self, windows: Sequence[tuple[np.ndarray, Any, np.ndarray, str]]) -> Batch:
-        """Raw windows -> one Batch; the log-mels of the windows in one call on the backend's device."""
-        chunks = mel_chunks_batch([w[2] for w in windows], self.feature_params, self.backend.device)
-        samples = [make_sample(crops, found, audio, text, self.tokenizer, self.feature_params, audio_chunks=c)
-                   for (crops, found, audio, text), c in zip(windows, chunks)]
+    def collate_raw(self, windows: Sequence[tuple]) -> Batch:
+        """Raw windows (as ``identify_raw``) -> one Batch; the log-mels of the windows without
+        an offset in one call on the backend's device."""
+        offsets = [w[4] if len(w) > 4 and w[4] is not None and w[4] >= 0 else None for w in windows]
+        plain = [i for i, o in enumerate(offsets) if o is None]
+        chunks: list[Any] = [None] * len(windows)
+        for i, c in zip(plain, mel_chunks_batch([windows[i][2] for i in plain], self.feature_params, self.backend.device)):
+            chunks[i] = c
+        for i, o in enumerate(offsets):
+            if o is not None:
+                chunks[i] = grid_mel_chunks(windows[i][2], o, self.feature_params)
+        samples = [make_sample(w[0], w[1], w[2], w[3], self.tokenizer, self.feature_params, audio_chunks=c)
+                   for w, c in zip(windows, chunks)]
         return collate(samples)
 
 
@@ -164,12 +178,17 @@ def _choose_backend(path: Path, info: dict, backend: str, device: str | None) ->
 
 
 def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads: int, int8: bool | str,
-                  device: str | None, compile: bool, cuda_graphs: bool = False, half: bool = False) -> Backend:
+                  device: str | None, compile: bool, cuda_graphs: bool = False, half: bool = False,
+                  feature_cache: int = 0) -> Backend:
     if choice == "onnx":
         from engine.backends.onnx_backend import OnnxBackend
 
         if info.get("run"):
             raise ValueError(f"{path} is a run folder: export it first (mmid export --run {path} --out ENGINE)")
+        if feature_cache > 0 and not int8 and info.get("split_graphs"):
+            from engine.backends.feature_cache import CachedOnnxBackend
+
+            return CachedOnnxBackend(path, info["split_graphs"], feature_cache, threads=threads)
         graph = info.get("int8_graph") if int8 else info["graph"]
         if not graph:
             raise ValueError(f"{path} has no int8 graph: export with --int8")

@@ -114,7 +114,8 @@ class EngineIdentifier:
     @classmethod
     def from_path(cls, path: str | Path, cfg: Config) -> "EngineIdentifier":
         """Load an engine folder (``mmid export``) or a run folder with [engine] backend and threads."""
-        engine = Engine.load(path, backend=cfg.engine.backend, threads=cfg.engine.threads)
+        engine = Engine.load(path, backend=cfg.engine.backend, threads=cfg.engine.threads,
+                             feature_cache=cfg.engine.feature_cache)
         identifier = cls(engine, cfg, model_info(engine, path))
         identifier.warm_up()
         return identifier
@@ -131,7 +132,7 @@ class EngineIdentifier:
         if not windows:
             return []
         faces = self._faces(windows)
-        raw = [(crops, found, w.audio, w.transcript) for w, (crops, found, _) in zip(windows, faces)]
+        raw = [(crops, found, w.audio, w.transcript, w.audio_offset) for w, (crops, found, _) in zip(windows, faces)]
         answers = self.engine.identify_raw(raw)
         return [self._result(a, box) for a, (_, _, box) in zip(answers, faces)]
 

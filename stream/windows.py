@@ -38,6 +38,9 @@ class Window:
     audio: np.ndarray  # float32 (N,) at SAMPLE_RATE, may be empty
     transcript: str = ""
     meta: dict = field(default_factory=dict)  # free-form (e.g. source url)
+    # index of audio[0] among the samples of this source segment (-1: unknown); windows
+    # cut their audio chunks on that segment's grid (engine.features.grid_mel_chunks)
+    audio_offset: int = -1
 
     @property
     def has_audio(self) -> bool:
@@ -69,6 +72,7 @@ class Windower:
         self._audio: list[np.ndarray] = []
         self._audio_t0: float | None = None  # stream time of the first buffered sample
         self._audio_n = 0
+        self._audio_dropped = 0  # samples of this segment trimmed from the front of the buffer
         self._frames: deque[tuple[float, np.ndarray]] = deque()
         self._reached: dict[str, float] = {}  # modality -> latest stream time
         self._walls: deque[tuple[float, float]] = deque()  # (stream time, wall)
@@ -155,6 +159,7 @@ class Windower:
 
     def _cut(self, start: float, end: float) -> Window:
         frames = [(t, img) for t, img in self._frames if start <= t < end]
+        audio, offset = self._audio_between(start, end)
         wall_start = next((w for t, w in self._walls if t >= start), self._walls[-1][1])
         wall_end = next((w for t, w in self._walls if t >= end), self._walls[-1][1])
         window = Window(
@@ -166,22 +171,24 @@ class Windower:
             wall_end=wall_end,
             frames=tuple(img for _, img in frames),
             frame_times=tuple(round(t, 6) for t, _ in frames),
-            audio=self._audio_between(start, end),
+            audio=audio,
+            audio_offset=offset,
         )
         self.next_seq += 1
         self._last_emitted_end = end
         self._trim(self._window_start(self.next_seq))
         return window
 
-    def _audio_between(self, start: float, end: float) -> np.ndarray:
+    def _audio_between(self, start: float, end: float) -> tuple[np.ndarray, int]:
+        """-> (samples of [start, end), index of the first among the segment's samples; -1 if none)."""
         if self._audio_t0 is None or not self._audio:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), -1
         if len(self._audio) > 1:
             self._audio = [np.concatenate(self._audio)]
         buf = self._audio[0]
-        i = max(0, round((start - self._audio_t0) * self.sample_rate))
+        i = min(max(0, round((start - self._audio_t0) * self.sample_rate)), buf.size)
         j = max(0, round((end - self._audio_t0) * self.sample_rate))
-        return buf[i:j].copy()
+        return buf[i:j].copy(), self._audio_dropped + i
 
     def _trim(self, keep_from: float) -> None:
         while self._frames and self._frames[0][0] < keep_from:
@@ -196,3 +203,4 @@ class Windower:
                 self._audio = [buf[drop:]]
                 self._audio_t0 += drop / self.sample_rate
                 self._audio_n -= drop
+                self._audio_dropped += drop

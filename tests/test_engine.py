@@ -107,6 +107,55 @@ def test_backend_matches_pytorch(engines, name, backend):
         _assert_close(engine.run(batch), _reference(model, batch))
 
 
+def test_cached_backend_matches_pytorch(engines):
+    """Dense engine with its CNN outputs cached: same outputs as the model, on first
+    sight (misses) and on the second call with the same inputs (every real frame hits)."""
+    model, folder = engines["mme2e"]
+    engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
+    assert engine.backend_name == "onnx-cached"
+    for i, shape in enumerate(SHAPES):
+        batch = random_batch(model.dims, *shape, seed=i)
+        want = _reference(model, batch)
+        before = engine.backend.stats()
+        _assert_close(engine.run(batch), want)
+        _assert_close(engine.run(batch), want)
+        after = engine.backend.stats()
+        real = {"visual": int(batch.face_mask.sum()), "audio": int(batch.audio_mask.sum())}
+        for modality, n in real.items():
+            assert after[modality]["hits"] - before[modality]["hits"] == n  # second call only
+            assert after[modality]["rows"] <= 64
+    batch = dataclasses.replace(random_batch(model.dims, 3, 4, 4, 6, absent=False), face_mask=torch.zeros(3, 4, dtype=torch.bool))
+    _assert_close(engine.run(batch), _reference(model, batch))
+
+
+def test_cached_backend_reuses_frames_of_overlapping_windows(engines):
+    """Window 2 holds the last three frames and chunks of window 1 (at other positions and
+    batch rows): exactly those hit, and the answer equals the model's."""
+    model, folder = engines["mme2e"]
+    engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
+    first = random_batch(model.dims, 2, 5, 5, 6, seed=7, absent=False)
+    first = dataclasses.replace(first, face_mask=torch.ones(2, 5, dtype=torch.bool), audio_mask=torch.ones(2, 5, dtype=torch.bool))
+    engine.run(first)
+    second = random_batch(model.dims, 2, 5, 5, 6, seed=8, absent=False)
+    second = dataclasses.replace(second, face_mask=torch.ones(2, 5, dtype=torch.bool), audio_mask=torch.ones(2, 5, dtype=torch.bool))
+    second.faces[1, :3] = first.faces[0, 2:]
+    second.audio[1, :3] = first.audio[0, 2:]
+    before = engine.backend.stats()
+    _assert_close(engine.run(second), _reference(model, second))
+    after = engine.backend.stats()
+    assert all(after[m]["hits"] - before[m]["hits"] == 3 for m in ("visual", "audio"))
+    assert all(after[m]["misses"] - before[m]["misses"] == 7 for m in ("visual", "audio"))
+
+
+def test_feature_cache_needs_the_dense_split_graphs(engines):
+    """The sparse model's CNN outputs depend on the transcript: its engine has no split
+    graphs and serves with the whole graph whatever feature_cache says."""
+    _, folder = engines["mme2e_sparse"]
+    assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx"
+    _, folder = engines["mme2e"]
+    assert Engine.load(folder, backend="onnx", threads=1, feature_cache=0).backend_name == "onnx"
+
+
 def test_absent_modality_reported(engines):
     model, folder = engines["mme2e"]
     out = Engine.load(folder, backend="onnx").run(random_batch(model.dims, 3, 4, 4, 6))
@@ -221,6 +270,10 @@ def test_engine_folder_contents(engines):
         assert info["dims"]["name"] == name and info["persons"] == [f"p{i}" for i in range(N_PERSONS)]
         assert FeatureParams.from_dict(info["features"]) == FeatureParams()
         assert {"torch", "onnx", "onnxruntime", "tensorrt"} <= set(info["versions"])
+        if name == "mme2e":
+            assert set(info["split_graphs"].values()) <= files
+        else:
+            assert info["split_graphs"] is None
 
 
 # ---------------------------------------------------------------- TensorRT

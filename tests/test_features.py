@@ -171,3 +171,26 @@ def test_train_and_serve_give_identical_tensors(prepared_tiny, tokenizer):
     bt, bs = collate(trained), collate(served)
     assert all(torch.equal(x, y) for x, y in zip(bt.model_inputs(), bs.model_inputs()))
     assert ds[0][1] == PreparedDataset.read_persons(prepared_tiny).index(rows[ids[0]]["person"])
+
+
+def test_grid_chunks_are_slices_of_the_stream_spectrogram():
+    """Windows of one stream cut their chunks on the stream's 0.4 s grid: each chunk equals
+    the matching frames of one centred spectrogram of the whole stream, and a chunk two
+    overlapping windows share has the same bits in both (what the feature cache keys on)."""
+    from engine.features import grid_mel_chunks
+
+    stream = _noise(10.0)
+    whole = log_mel(stream)  # (128, T) centred frames every 200 samples
+    grid = 32 * 200
+    for start in (0, 16000, 23456):
+        chunks = grid_mel_chunks(stream[start:start + 48000], start)
+        first = -(-(start + 200) // grid) * grid
+        assert chunks.shape[0] in (6, 7)
+        for k in range(chunks.shape[0]):
+            frame = (first + k * grid) // 200
+            torch.testing.assert_close(chunks[k, 0], whole[:, frame:frame + 32], rtol=0, atol=1e-5)
+    a = grid_mel_chunks(stream[16000:64000], 16000)
+    b = grid_mel_chunks(stream[32000:80000], 32000)
+    shared = {x.numpy().tobytes() for x in a} & {x.numpy().tobytes() for x in b}
+    assert len(shared) == 3  # the chunks starting at samples 38400, 44800 and 51200
+    assert grid_mel_chunks(stream[:6000], 0).shape == (0, 1, 128, 32)  # too short for one chunk with context

@@ -208,3 +208,17 @@ def test_metrics_endpoint_serves_counters():
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'mmid_windows_total{stream_id="cam"} 3.0' in body
     assert "mmid_latency_seconds_bucket" in body or "mmid_latency_seconds" in body
+
+
+def test_window_audio_offsets_index_the_segment_samples():
+    """Each window says where its audio starts among the segment's samples, through the
+    windower's trimming; the stream's samples at that index are the window's."""
+    windower = Windower("s", 3.0, 1.0)
+    stream = np.arange(8 * SAMPLE_RATE, dtype=np.float32)
+    out = []
+    for i in range(80):  # 8 s in 0.1 s chunks
+        out += windower.push(AudioChunk(i * 0.1, 0.0, stream[i * 1600:(i + 1) * 1600]))
+    out += windower.flush()
+    assert [w.audio_offset for w in out[:4]] == [0, SAMPLE_RATE, 2 * SAMPLE_RATE, 3 * SAMPLE_RATE]
+    for w in out:
+        np.testing.assert_array_equal(w.audio, stream[w.audio_offset:w.audio_offset + w.audio.size])
