@@ -440,9 +440,12 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     lines = ["## Engine", "",
              f"`mmid bench` on {time.strftime('%Y-%m-%d %H:%M')}: {machine()}; "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
-             "Window scope = face detection (batched MTCNN cascade) on each sampled frame once (crops cached across "
-             "the 1 s-hop windows: 2 new of 6 frames per window; a batch's new frames in one call), log-mel + "
-             "tokenisation per window, forward per window. Model scope = forward only.", "",
+             "Window scope = 3 s windows every 1 s of one stream: face detection (batched MTCNN cascade) on each "
+             "sampled frame once (crops cached across windows: 2 new of 6 frames per window; a batch's new frames in "
+             "one call), log-mel chunks on the stream's 0.4 s grid (6-7 per window) + tokenisation per window, forward "
+             "per window. onnx-cached: the dense model's CNN outputs per frame and chunk computed once and reused by "
+             "the later windows that hold them (GFLOPs/window stays the whole window's count). Model scope = forward "
+             "only.", "",
              "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | sparse budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
