@@ -123,16 +123,19 @@ class Engine:
     def identify(self, batch: Batch) -> list[Identification]:
         return identifications(self.backend.run(batch), self.persons)
 
-    def identify_raw(self, windows: Sequence[tuple]) -> list[Identification]:
+    def identify_raw(self, windows: Sequence[tuple], sources: Sequence[str] | None = None) -> list[Identification]:
         """[(crops uint8 (F,S,S,3), face_found (F,), audio float32 16 kHz, transcript[, audio_offset]), ...]
         -> answers. ``audio_offset``: the stream index of the window's first audio sample;
         given (>= 0), the audio is cut on the stream's chunk grid (``grid_mel_chunks``), so
-        overlapping windows share chunks and the feature cache reuses their CNN outputs."""
-        return self.identify(self.collate_raw(windows))
+        overlapping windows share chunks and the feature cache reuses their CNN outputs.
+        ``sources``: a name per window (e.g. its stream id); the feature cache reuses CNN
+        outputs only between windows of the same source (a file replayed as two sources
+        shares nothing)."""
+        return self.identify(self.collate_raw(windows, sources))
 
-    def collate_raw(self, windows: Sequence[tuple]) -> Batch:
-        """Raw windows (as ``identify_raw``) -> one Batch; the log-mels of the windows without
-        an offset in one call on the backend's device."""
+    def collate_raw(self, windows: Sequence[tuple], sources: Sequence[str] | None = None) -> Batch:
+        """Raw windows (as ``identify_raw``) -> one Batch (``ids`` = ``sources``); the log-mels
+        of the windows without an offset in one call on the backend's device."""
         offsets = [w[4] if len(w) > 4 and w[4] is not None and w[4] >= 0 else None for w in windows]
         plain = [i for i, o in enumerate(offsets) if o is None]
         chunks: list[Any] = [None] * len(windows)
@@ -141,8 +144,9 @@ class Engine:
         for i, o in enumerate(offsets):
             if o is not None:
                 chunks[i] = grid_mel_chunks(windows[i][2], o, self.feature_params)
-        samples = [make_sample(w[0], w[1], w[2], w[3], self.tokenizer, self.feature_params, audio_chunks=c)
-                   for w, c in zip(windows, chunks)]
+        names = list(sources) if sources is not None else [""] * len(windows)
+        samples = [make_sample(w[0], w[1], w[2], w[3], self.tokenizer, self.feature_params, id=name, audio_chunks=c)
+                   for w, c, name in zip(windows, chunks, names)]
         return collate(samples)
 
 

@@ -133,7 +133,7 @@ class EngineIdentifier:
             return []
         faces = self._faces(windows)
         raw = [(crops, found, w.audio, w.transcript, w.audio_offset) for w, (crops, found, _) in zip(windows, faces)]
-        answers = self.engine.identify_raw(raw)
+        answers = self.engine.identify_raw(raw, [w.stream_id for w in windows])
         return [self._result(a, box) for a, (_, _, box) in zip(answers, faces)]
 
     # -- faces ------------------------------------------------------------------

@@ -147,6 +147,19 @@ def test_cached_backend_reuses_frames_of_overlapping_windows(engines):
     assert all(after[m]["misses"] - before[m]["misses"] == 7 for m in ("visual", "audio"))
 
 
+def test_cached_backend_shares_nothing_between_sources(engines):
+    """The same frames under another source name (a file replayed as a second stream)
+    are computed again; under the first name they hit."""
+    model, folder = engines["mme2e"]
+    engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
+    batch = random_batch(model.dims, 2, 3, 3, 4, seed=9, absent=False)
+    real = int(batch.face_mask.sum())
+    for ids, hits in ((("cam1", "cam1"), 0), (("cam2", "cam2"), 0), (("cam1", "cam1"), real)):
+        before = engine.backend.stats()["visual"]["hits"]
+        _assert_close(engine.run(dataclasses.replace(batch, ids=ids)), _reference(model, batch))
+        assert engine.backend.stats()["visual"]["hits"] - before == hits, ids
+
+
 def test_feature_cache_needs_the_dense_split_graphs(engines):
     """The sparse model's CNN outputs depend on the transcript: its engine has no split
     graphs and serves with the whole graph whatever feature_cache says."""

@@ -13,7 +13,9 @@ folder holds the model in three graphs as well as whole:
 and ``CachedOnnxBackend`` runs the CNN graphs only on frames and chunks it has not
 seen. Keys are digests of the input tensors themselves, so a hit is exact by
 construction: the same input bytes give the same output, whichever window they come
-from. Audio chunks hit only when windows cut them on a shared grid (stream windows
+from. Keys are scoped by the batch's sample ids (``Batch.ids``: the stream id of each
+window in ``mmid stream``), so a file replayed as two sources shares nothing, as two
+real cameras never would. Audio chunks hit only when windows cut them on a shared grid (stream windows
 whose hop is a whole number of chunks). The sparse model cannot be split this way:
 its sites are chosen by attention guided by each window's transcript.
 """
@@ -25,6 +27,7 @@ import hashlib
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -116,9 +119,11 @@ class FeatureCache:
             self.rows.popitem(last=False)
 
 
-def digest(item: np.ndarray) -> bytes:
-    """16-byte digest of one frame's or chunk's input tensor (its shape is fixed by the graph)."""
-    return hashlib.blake2b(np.ascontiguousarray(item).data, digest_size=16).digest()
+def digest(item: np.ndarray, scope: str = "") -> bytes:
+    """16-byte digest of one frame's or chunk's input tensor (its shape is fixed by the
+    graph) within ``scope``."""
+    h = hashlib.blake2b(np.ascontiguousarray(item).data, digest_size=16, key=scope.encode()[:64])
+    return h.digest()
 
 
 class CachedOnnxBackend:
@@ -133,16 +138,17 @@ class CachedOnnxBackend:
         self.caches = {"visual": FeatureCache(capacity), "audio": FeatureCache(capacity)}
         self.name, self.device, self.path = name, device, folder
 
-    def _features(self, modality: str, items: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """items (B, F, ...) float32, mask (B, F) -> (B, F, flat): cached rows, the CNN graph
-        run once on the real items not seen yet; zeros where the mask is False."""
+    def _features(self, modality: str, items: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> np.ndarray:
+        """items (B, F, ...) float32, mask (B, F), scopes (B,) -> (B, F, flat): cached rows, the
+        CNN graph run once on the real items not seen yet in their scope; zeros where the
+        mask is False."""
         cache, session = self.caches[modality], self.sessions[modality]
         B, F = mask.shape
         flat = session.get_outputs()[0].shape[1]
         out = np.zeros((B, F, flat), dtype=np.float32)
         todo: dict[bytes, list[tuple[int, int]]] = {}
         for b, f in zip(*np.nonzero(mask)):
-            key = digest(items[b, f])
+            key = digest(items[b, f], scopes[b])
             row = cache.get(key)
             if row is None:
                 todo.setdefault(key, []).append((b, f))
@@ -162,9 +168,11 @@ class CachedOnnxBackend:
 
     def run(self, batch) -> dict[str, np.ndarray]:
         x = numpy_inputs(batch)
+        B = x["face_mask"].shape[0]
+        scopes = list(batch.ids) if len(batch.ids) == B else [""] * B
         feeds = {
-            "visual_feats": self._features("visual", x["faces"], x["face_mask"]), "face_mask": x["face_mask"],
-            "audio_feats": self._features("audio", x["audio"], x["audio_mask"]), "audio_mask": x["audio_mask"],
+            "visual_feats": self._features("visual", x["faces"], x["face_mask"], scopes), "face_mask": x["face_mask"],
+            "audio_feats": self._features("audio", x["audio"], x["audio_mask"], scopes), "audio_mask": x["audio_mask"],
             "text": x["text"], "text_mask": x["text_mask"],
         }
         return outputs_dict(self.sessions["head"].run(list(GRAPH_OUTPUT_NAMES), feeds))
