@@ -85,7 +85,7 @@ class TrainConfig:
     patience: int = 10
     early_stop: Literal["f1_loss", "f1"] = "f1_loss"
     ema_decay: float = -1.0
-    fusion_fit: Literal["valid", "none"] = "valid"
+    fusion_fit: Literal["valid", "valid_full", "none"] = "valid"
     fusion_fit_l2: float = 0.01
     split: Literal["dialog", "utterance"] = "dialog"
     seed: int = 0

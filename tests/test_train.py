@@ -143,6 +143,20 @@ def test_kept_checkpoint_carries_the_fitted_fusion_weights(tiny_runs):
         assert fit["valid_accuracy_after"] >= fit["valid_accuracy_before"], fit
 
 
+def test_fusion_fit_sees_windows_with_a_modality_missing():
+    from training.fusion_fit import with_missing
+
+    logits = torch.randn(4, 3, 5)
+    present = torch.tensor([[True, True, True], [False, True, True], [True, False, False], [True, True, False]])
+    labels = torch.arange(4)
+    L, P, Y = with_missing(logits, present, labels)
+    # window 0 three times more (one modality hidden each), windows 1 and 3 twice more, window 2 (text only) never
+    assert len(Y) == 4 + 3 + 2 + 2 and Y[:4].tolist() == [0, 1, 2, 3]
+    assert sorted(Y[4:].tolist()) == [0, 0, 0, 1, 1, 3, 3]
+    assert (P[4:].sum(1) == present[Y[4:]].sum(1) - 1).all() and (P.sum(1) >= 1).all()
+    assert all(torch.equal(L[i], logits[Y[i]]) for i in range(len(Y)))
+
+
 def test_fusion_refit_that_loses_validation_accuracy_is_discarded():
     """Visual is right on every window by a small margin; text is right on nine by a
     large margin and wrong on one by as much. The loss-minimising refit leans on text

@@ -7,11 +7,15 @@ chosen, ``fit_fusion`` refits the fusion logits (the model's ``fusion`` paramete
 a softmax over the modalities present in a window) on the validation split with
 the branches frozen: cross-entropy of the fused logits plus an L2 pull towards
 uniform weights, so that a validation set that one branch alone separates does
-not drive the others' weights to zero. The fit lowers the loss, which is not the
-same as raising accuracy: a refit that classifies fewer validation windows
-correctly than the learned weights is discarded (``applied`` False). This step is
-ours, not the paper's (``train.fusion_fit = "none"`` keeps the weights learned in
-training).
+not drive the others' weights to zero. The same weights also serve windows with
+a modality missing (no face found, no speech), where the softmax is taken over
+the others; validation windows rarely lack one, so ``with_missing`` adds to the
+fit a copy of each window with each of its modalities hidden in turn (as long as
+another remains). The fit lowers the loss, which is not the same as raising
+accuracy: a refit that classifies fewer of those windows correctly than the
+learned weights is discarded (``applied`` False). This step is ours, not the
+paper's (``train.fusion_fit = "none"`` keeps the weights learned in training;
+"valid_full" fits on the complete windows only).
 """
 
 from __future__ import annotations
@@ -81,6 +85,19 @@ def fit_fusion_logits(logits: torch.Tensor, present: torch.Tensor, labels: torch
     return w.detach()
 
 
+def with_missing(logits: torch.Tensor, present: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, 3, P), (N, 3), (N,) -> the N windows, then for each modality a copy of the windows
+    that have it and another one, with it hidden (about 3N windows in all)."""
+    parts = [(logits, present, labels)]
+    for m in range(present.shape[1]):
+        has = present[:, m] & (present.sum(1) > 1)  # (N,)
+        hidden = present[has].clone()
+        hidden[:, m] = False
+        parts.append((logits[has], hidden, labels[has]))
+    return tuple(torch.cat(x) for x in zip(*parts))  # type: ignore[return-value]
+
+
 def refit(logits: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, old: torch.Tensor,
           l2: float) -> tuple[torch.Tensor, FusionFit]:
     """-> (fusion logits to keep, report): the refit when it is at least as accurate on
@@ -96,9 +113,13 @@ def refit(logits: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, old
     return kept, FusionFit(_weights(old), _weights(kept), before, max(before, after), int(labels.numel()), applied)
 
 
-def fit_fusion(model: torch.nn.Module, loader: DataLoader, device: torch.device, l2: float) -> FusionFit:
-    """Refit ``model.fusion`` in place on the loader's (validation) windows."""
+def fit_fusion(model: torch.nn.Module, loader: DataLoader, device: torch.device, l2: float,
+               missing: bool = True) -> FusionFit:
+    """Refit ``model.fusion`` in place on the loader's (validation) windows (and, with
+    ``missing``, their copies with a modality hidden)."""
     logits, present, labels = collect_branch_logits(model, loader, device)
+    if missing:
+        logits, present, labels = with_missing(logits, present, labels)
     kept, report = refit(logits, present, labels, model.fusion.detach().float().cpu().clone(), l2)
     with torch.no_grad():
         model.fusion.copy_(kept.to(model.fusion.device, model.fusion.dtype))

@@ -345,9 +345,9 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             save_file({k: v.detach().cpu().contiguous() for k, v in average.model.state_dict().items()}, str(last / EMA_FILE))
         _save_state(last, optimizer, state)
     fusion = None
-    if cfg.train.fusion_fit == "valid" and (job.out / "model.safetensors").exists():
+    if cfg.train.fusion_fit != "none" and (job.out / "model.safetensors").exists():
         model.load_state_dict(load_file(str(job.out / "model.safetensors"), device=str(device)))
-        fusion = fit_fusion(model, valid_loader, device, cfg.train.fusion_fit_l2)
+        fusion = fit_fusion(model, valid_loader, device, cfg.train.fusion_fit_l2, missing=cfg.train.fusion_fit == "valid")
         save_checkpoint(job.out, model, meta, tok_file)
         print(f"[train] fusion weights fitted on validation (text / audio / visual): {_shown(fusion.before)} -> "
               f"{_shown(fusion.after)}; valid accuracy {fusion.valid_accuracy_before:.4f} -> {fusion.valid_accuracy_after:.4f}"
