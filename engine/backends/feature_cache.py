@@ -122,7 +122,8 @@ class FeatureCache:
 def digest(item: np.ndarray, scope: str = "") -> bytes:
     """16-byte digest of one frame's or chunk's input tensor (its shape is fixed by the
     graph) within ``scope``."""
-    h = hashlib.blake2b(np.ascontiguousarray(item).data, digest_size=16, key=scope.encode()[:64])
+    h = hashlib.blake2b(scope.encode() + b"\0", digest_size=16)
+    h.update(np.ascontiguousarray(item).data)
     return h.digest()
 
 
@@ -161,7 +162,7 @@ class CachedOnnxBackend:
             x = np.stack([items[b, f] for b, f in first])  # (N, ...) one CNN call for every new item
             rows = session.run(None, {session.get_inputs()[0].name: x})[0]  # (N, flat)
             for (key, places), row in zip(todo.items(), rows):
-                cache.put(key, row)
+                cache.put(key, row.copy())  # a row of its own: the call's output array is not kept alive
                 for b, f in places:
                     out[b, f] = row
         return out
