@@ -8,7 +8,9 @@
 #                       model.safetensors; fp16, embedding rows no transcript uses zeroed)
 # or set DATA and TEXT to folders that are already there. Further datasets may come as
 # .gpu/data*.tar.xz (each holding one folder); a run line selects one with
-# `--data @WORK/FOLDER`. One run per line of ${CONFIGS:-benchmarks/sweep.txt}:
+# `--data @WORK/FOLDER`. A device call carries at most 64 MiB: with more inputs than that,
+# stage them in two back-to-back calls (the first copies its .gpu/*.tar.xz to /tmp/stash on
+# the machine, the second copies them back into .gpu/ before running this script). One run per line of ${CONFIGS:-benchmarks/sweep.txt}:
 # NAME MODEL [--data @WORK/FOLDER] [--set key=value ...].
 # Results go to ${OUT:-gpu-out}/: NAME.log and NAME.metrics.jsonl per run, summary.jsonl.
 set -uo pipefail
