@@ -37,7 +37,6 @@ BENCH_PERSONS = 10
 WINDOW_S, HOP_S = 3.0, 1.0
 FRAME_SIZE = 224  # pixels: the speaker's centre crop that MTCNN searches
 BATCHES = (1, 8, 32)
-FEATURE_CACHE_ROWS = 1024  # CNN outputs kept per modality by the onnx-cached rows (config.toml engine.feature_cache)
 DEFAULT_RUN_BUDGET = (0.5, 0.5, 0.5)  # sparse random runs: the budget the paper-preset export calibrates to
 TRANSCRIPTS = (  # ~12 words: what a 3 s window of speech holds
     "i told you already that i was not going to the party tonight",
@@ -325,7 +324,7 @@ def available_backends(info: dict) -> list[str]:
     return out
 
 
-def open_engine(path: Path, backend: str, threads: int):
+def open_engine(path: Path, backend: str, threads: int, feature_cache: int = 0):
     from engine.runtime import Engine
 
     if backend == "torch-cuda":
@@ -333,7 +332,7 @@ def open_engine(path: Path, backend: str, threads: int):
     if backend == "torch-cuda-graphs":
         return Engine.load(path, "torch", threads, device="cuda", cuda_graphs=True, half=True)
     if backend == "onnx-cached":
-        return Engine.load(path, "onnx", threads, feature_cache=FEATURE_CACHE_ROWS)
+        return Engine.load(path, "onnx", threads, feature_cache=feature_cache)
     if backend == "onnx-int8":
         return Engine.load(path, "onnx", threads, int8="force")  # timed even where top-1 did not hold
     return Engine.load(path, backend, threads, device="cpu" if backend == "torch" else None)
@@ -362,7 +361,7 @@ def run(args: argparse.Namespace, cfg) -> int:
         info = _folder_info(Path(path))
         backends = [b for b in available_backends(info) if not wanted or b in wanted]
         for backend in backends:
-            engine = open_engine(Path(path), backend, args.threads)
+            engine = open_engine(Path(path), backend, args.threads, cfg.engine.feature_cache)
             stream = stream or Stream.make(engine.feature_params, args.corpus)
             for scope in scopes:
                 if scope == "model" and backend == "onnx-cached":

@@ -158,13 +158,8 @@ class OrtNet:
         self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        if len(x) == 0:
-            return tuple(torch.zeros(0, *o.shape[1:]) for o in self._empty(x))
+        """x (N >= 1, 3, H, W): the cascade calls R-Net and O-Net only when there are boxes."""
         return tuple(torch.from_numpy(o) for o in self.session.run(None, {"x": x.contiguous().numpy()}))
-
-    def _empty(self, x: Tensor) -> list:
-        """Output shapes for an empty batch (ONNX Runtime needs at least one input row)."""
-        return self.session.run(None, {"x": torch.zeros(1, *x.shape[1:]).numpy()})
 
 
 def normalise(x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 
 
 class WeightAverage:
-    """``model`` is the averaged copy; call ``update(live, step)`` after each optimizer step."""
+    """``model`` is the averaged copy of ``live``; call ``update(step)`` after each optimizer step."""
 
     def __init__(self, live: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
@@ -26,15 +26,16 @@ class WeightAverage:
         self.model = copy.deepcopy(live).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self._pairs = list(zip(self.model.state_dict().values(), live.state_dict().values()))
+        pairs = list(zip(self.model.state_dict().values(), live.state_dict().values()))
+        self._averaged = [a for a, b in pairs if a.dtype.is_floating_point]
+        self._live = [b for a, b in pairs if a.dtype.is_floating_point]
+        self._copied = [(a, b) for a, b in pairs if not a.dtype.is_floating_point]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Move the average towards the live weights; early steps weigh more (the decay
         ramps up as (1 + step) / (10 + step) until it reaches ``decay``)."""
         d = min(self.decay, (1.0 + step) / (10.0 + step))
-        floats = [(a, b) for a, b in self._pairs if a.dtype.is_floating_point]
-        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - d)
-        for a, b in self._pairs:
-            if not a.dtype.is_floating_point:
-                a.copy_(b)
+        torch._foreach_lerp_(self._averaged, self._live, 1.0 - d)
+        for a, b in self._copied:
+            a.copy_(b)

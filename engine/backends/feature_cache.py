@@ -15,8 +15,9 @@ seen. Keys are digests of the input tensors themselves, so a hit is exact by
 construction: the same input bytes give the same output, whichever window they come
 from. Keys are scoped by the batch's sample ids (``Batch.ids``: the stream id of each
 window in ``mmid stream``), so a file replayed as two sources shares nothing, as two
-real cameras never would. Audio chunks hit only when windows cut them on a shared grid (stream windows
-whose hop is a whole number of chunks). The sparse model cannot be split this way:
+real cameras never would. Audio chunks hit when windows cut them on the stream's
+grid (``engine.features.grid_mel_chunks``, given each window's ``audio_offset``),
+whatever the hop. The sparse model cannot be split this way:
 its sites are chosen by attention guided by each window's transcript.
 """
 
@@ -36,9 +37,10 @@ from torch import nn
 from engine.backends import GRAPH_OUTPUT_NAMES, numpy_inputs, outputs_dict
 
 SPLIT_GRAPHS = {"visual": "visual_cnn.onnx", "audio": "audio_cnn.onnx", "head": "head.onnx"}
-HEAD_INPUTS = ("visual_feats", "face_mask", "audio_feats", "audio_mask", "text", "text_mask")
+# head.onnx inputs, in _Head.forward's order -> (axis 0, axis 1) names of their dynamic axes
 HEAD_AXES = {"visual_feats": ("batch", "frames"), "face_mask": ("batch", "frames"), "audio_feats": ("batch", "chunks"),
              "audio_mask": ("batch", "chunks"), "text": ("batch", "tokens"), "text_mask": ("batch", "tokens")}
+HEAD_INPUTS = tuple(HEAD_AXES)
 
 
 class _CNN(nn.Module):
@@ -88,8 +90,7 @@ def export_split(model: nn.Module, folder: str | Path) -> dict[str, str]:
         "batch": torch.export.Dim("batch", min=1, max=4096), "frames": torch.export.Dim("frames", min=1, max=4096),
         "chunks": torch.export.Dim("chunks", min=1, max=4096), "tokens": torch.export.Dim("tokens", min=1, max=d.text_max_positions),
     }
-    param_names = ("visual_feats", "face_mask", "audio_feats", "audio_mask", "text", "text_mask")
-    shapes = {p: {0: axes[HEAD_AXES[name][0]], 1: axes[HEAD_AXES[name][1]]} for p, name in zip(param_names, HEAD_INPUTS)}
+    shapes = {name: {0: axes[a0], 1: axes[a1]} for name, (a0, a1) in HEAD_AXES.items()}  # _Head.forward's parameters
     _export(_Head(model), example, shapes, list(HEAD_INPUTS), list(GRAPH_OUTPUT_NAMES), folder / SPLIT_GRAPHS["head"])
     return dict(SPLIT_GRAPHS)
 
