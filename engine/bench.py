@@ -6,13 +6,15 @@
 Two scopes, on identical inputs for every backend:
 - ``model``: the backend's forward on a collated Batch (features precomputed).
 - ``window``: a simulated stream (3 s windows, 1 s hop, one frame every
-  img_interval_ms at 224x224): face detection + crop (engine/faces.py), log-mel
-  chunks, tokenisation, collate and the forward. What overlapping windows share
-  is not recomputed: each sampled frame is detected and cropped once and its crop
-  is cached (with 500 ms frames, 2 of a window's 6 frames are new); the new
-  frames of a batch of windows are detected in one call. Log-mel (one call per
-  batch, on the engine's device) and tokens are computed per window, and the
-  model runs on the whole window (nothing inside the model is cached).
+  img_interval_ms at 224x224): faces (engine/face_track.py, as the stream finds
+  them: O-Net follows the previous frame's face, the full MTCNN cascade runs on
+  the first frame, after a lost track and every ``[stream] face_redetect_s``),
+  log-mel chunks, tokenisation, collate and the forward. What overlapping windows
+  share is not recomputed: each sampled frame's face is found and cropped once and
+  its crop is cached (with 500 ms frames, 2 of a window's 6 frames are new); the
+  new frames of a batch of windows go to the tracker in one call. Log-mel and
+  tokens are computed per window; the model runs on the whole window, except
+  with ``onnx-cached`` (the dense model's CNN outputs per frame and chunk reused).
 
 Batch 1 gives per-window latency p50/p95; batches 8 and 32 give throughput.
 Peak memory: RSS high-water mark minus RSS before (CPU; Linux clear_refs), or
@@ -106,13 +108,14 @@ def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS
 # ---------------------------------------------------------------- inputs
 
 
-def stream_frames(n: int, corpus: Path | None = None) -> list[np.ndarray]:
-    """n RGB uint8 (224, 224, 3) frames with a real-looking face: from a synthetic
-    corpus video when given, else scikit-image's astronaut photo, jittered."""
+def stream_frames(n: int, corpus: Path | None = None, every_s: float = 0.1) -> list[np.ndarray]:
+    """n RGB uint8 (224, 224, 3) frames with a real-looking face: from synthetic corpus
+    videos when given (the left speaker's centre crop, one frame every ``every_s`` seconds,
+    video after video), else scikit-image's astronaut photo, jittered."""
     if corpus is not None:
         videos = sorted(Path(corpus).rglob("*.avi"))
         if videos:
-            return _video_frames(videos[0], n)
+            return _video_frames(videos, n, every_s)
     from skimage.data import astronaut
 
     photo = astronaut()  # (512, 512, 3), face near (90:260, 160:320)
@@ -124,20 +127,25 @@ def stream_frames(n: int, corpus: Path | None = None) -> list[np.ndarray]:
     return frames
 
 
-def _video_frames(path: Path, n: int) -> list[np.ndarray]:
+def _video_frames(paths: list[Path], n: int, every_s: float) -> list[np.ndarray]:
     import av
 
-    frames = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            img = frame.to_ndarray(format="rgb24")
-            h, w = img.shape[:2]
-            half = img[:, : w // 2]  # left speaker's half, as prepare does
-            top, left = max(0, (h - FRAME_SIZE) // 2), max(0, (w // 2 - FRAME_SIZE) // 2)
-            frames.append(np.ascontiguousarray(half[top: top + FRAME_SIZE, left: left + FRAME_SIZE]))
-            if len(frames) >= n * 3:
-                break
-    frames = frames[::3] if len(frames) >= n * 3 else frames
+    frames: list[np.ndarray] = []
+    for path in paths:
+        next_t = 0.0
+        with av.open(str(path)) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                t = frame.time if frame.time is not None else k / 30.0
+                if t + 1e-6 < next_t:
+                    continue
+                next_t = t + every_s
+                img = frame.to_ndarray(format="rgb24")
+                h, w = img.shape[:2]
+                half = img[:, : w // 2]  # left speaker's half, as prepare does
+                top, left = max(0, (h - FRAME_SIZE) // 2), max(0, (w // 2 - FRAME_SIZE) // 2)
+                frames.append(np.ascontiguousarray(half[top: top + FRAME_SIZE, left: left + FRAME_SIZE]))
+                if len(frames) >= n:
+                    return frames
     return [frames[i % len(frames)] for i in range(n)]
 
 
@@ -159,7 +167,7 @@ class Stream:
         rng = np.random.default_rng(1)
         t = np.arange(int(pool_s * params.sample_rate)) / params.sample_rate
         audio = (0.1 * np.sin(2 * np.pi * 140 * t * (1 + 0.1 * np.sin(3 * t))) + 0.02 * rng.standard_normal(t.shape))
-        return cls(stream_frames(int(pool_s / frame_s), corpus), audio.astype(np.float32), frame_s, params.sample_rate)
+        return cls(stream_frames(int(pool_s / frame_s), corpus, frame_s), audio.astype(np.float32), frame_s, params.sample_rate)
 
     def frame(self, i: int) -> np.ndarray:
         return self.frames[i % len(self.frames)]
@@ -174,19 +182,22 @@ class Stream:
 
 
 class FaceCache:
-    """Crops of sampled frames, detected once each (the sharing across overlapping windows)."""
+    """Crops of sampled frames, each processed once (the sharing across overlapping windows),
+    by a ``FaceTracker`` as in the stream: O-Net follows the previous frame's face, the full
+    cascade runs on the first frame, after a lost track and every ``redetect_s`` seconds
+    (0: on every frame)."""
 
-    def __init__(self, stream: Stream, params, device: str = "cpu"):
-        self.stream, self.params, self.device, self.crops = stream, params, device, {}
+    def __init__(self, stream: Stream, params, device: str = "cpu", redetect_s: float = 4.0):
+        from engine.face_track import FaceTracker
+
+        self.stream, self.params, self.crops = stream, params, {}
+        self.tracker = FaceTracker(params.face_size, params.face_margin, device, redetect_s=redetect_s)
 
     def detect(self, indices) -> None:
-        """Detect every frame of ``indices`` not seen yet, in one batched call."""
-        from engine.faces import crop_faces
-
+        """Process every frame of ``indices`` not seen yet, in one tracker call."""
         new = sorted({i for i in indices if i not in self.crops})
         if new:
-            crops, found, _ = crop_faces([self.stream.frame(i) for i in new], self.params.face_size,
-                                         self.params.face_margin, self.device)
+            crops, found, _ = self.tracker.crop([("bench", i * self.stream.frame_s, self.stream.frame(i)) for i in new])
             self.crops.update({i: (c, f) for i, c, f in zip(new, crops, found)})
 
     def get(self, indices: range) -> tuple[np.ndarray, np.ndarray]:
@@ -253,9 +264,9 @@ def summarise(times: list[float], batch: int) -> dict:
             "windows_per_s": round(batch * len(ms) / float(ms.sum() / 1000.0), 2)}
 
 
-def bench_model(engine, stream: Stream, batch: int, iters: int) -> dict:
+def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0) -> dict:
     """Backend forward only, on collated windows (features computed once, outside the timing)."""
-    cache = FaceCache(stream, engine.feature_params, engine.backend.device)
+    cache = FaceCache(stream, engine.feature_params, engine.backend.device, redetect_s)
     windows = []
     for w in range(batch):
         frames, audio, text, offset = stream.window(w)
@@ -267,10 +278,11 @@ def bench_model(engine, stream: Stream, batch: int, iters: int) -> dict:
     return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
 
 
-def bench_window(engine, stream: Stream, batch: int, iters: int) -> dict:
-    """Whole windows in stream order: new frames detected (cache), features, collate, forward."""
+def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0) -> dict:
+    """Whole windows in stream order: new frames' faces (tracked or detected, cached), features,
+    collate, forward."""
     params = engine.feature_params
-    cache = FaceCache(stream, params, engine.backend.device)
+    cache = FaceCache(stream, params, engine.backend.device, redetect_s)
     cache.get(stream.window(0)[0])  # steady state: the first window's earlier frames are already seen
     state = {"w": 0}
 
@@ -370,7 +382,8 @@ def run(args: argparse.Namespace, cfg) -> int:
                     iters = args.iters or max(3, 20 // batch)
                     fn = bench_model if scope == "model" else bench_window
                     row = {"model": info["dims"]["name"], "backend": engine.backend_name, "device": engine.backend.device,
-                           "scope": scope, "batch": batch, **fn(engine, stream, batch, iters),
+                           "scope": scope, "batch": batch,
+                           **fn(engine, stream, batch, iters, cfg.stream.face_redetect_s),
                            "gflops_per_window": round(info["flops_per_window"]["gflops"], 2) if "flops_per_window" in info else None,
                            "sparse_budget": info.get("sparse_budget"), "threads": args.threads, "engine": str(path)}
                     rows.append(row)

@@ -121,6 +121,7 @@ class StreamConfig:
     reconnect_attempts: int = 0
     queue_windows: int = 32
     max_batch: int = 16
+    face_redetect_s: float = 4.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream_maxlen: int = 100000
     spool_dir: str = ".mmid-spool"

@@ -68,19 +68,24 @@ def crop_faces(
     and resampling run."""
     frames = [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
     crops = np.zeros((len(frames), size, size, 3), dtype=np.uint8)
-    found = np.zeros(len(frames), dtype=bool)
     boxes = np.full((len(frames), 4), np.nan, dtype=np.float32)
     detector = load_detector(str(device))
     for i, j in _groups(frames):
         x = torch.from_numpy(np.stack(frames[i:j])).to(detector.device)  # (n, H, W, 3)
         table = integral_image(x)  # (n, 3, H+1, W+1)
-        got = detector.largest_boxes(x, table).numpy()  # (n, 4)
-        h, w = x.shape[1:3]
-        hit = ~np.isnan(got).any(axis=1)
-        regions = [crop_region(b, h, w, size, margin) if ok else centre_region(h, w) for b, ok in zip(got, hit)]
-        y0, y1, x0, x1 = (torch.tensor(v, device=detector.device) for v in zip(*regions))
-        image = torch.arange(j - i, device=detector.device)
-        pixels = area_crops(table, image, y0, y1, x0, x1, size)  # (n, 3, size, size) float
-        crops[i:j] = pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        found[i:j], boxes[i:j][hit] = hit, got[hit]
-    return crops, found, boxes
+        boxes[i:j] = detector.largest_boxes(x, table).numpy()  # (n, 4)
+        crops[i:j] = crops_of_boxes(table, boxes[i:j], size, margin)
+    return crops, ~np.isnan(boxes).any(axis=1), boxes
+
+
+def crops_of_boxes(table: torch.Tensor, boxes: np.ndarray, size: int = FACE_SIZE, margin: int = FACE_MARGIN
+                   ) -> np.ndarray:
+    """Crops uint8 (n, size, size, 3) of same-sized frames given their ``integral_image``
+    (n, 3, H+1, W+1) and face boxes (n, 4), NaN rows taking the centre-square fallback."""
+    h, w = table.shape[2] - 1, table.shape[3] - 1
+    hit = ~np.isnan(boxes).any(axis=1)
+    regions = [crop_region(b, h, w, size, margin) if ok else centre_region(h, w) for b, ok in zip(boxes, hit)]
+    y0, y1, x0, x1 = (torch.tensor(v, device=table.device) for v in zip(*regions))
+    image = torch.arange(len(boxes), device=table.device)
+    pixels = area_crops(table, image, y0, y1, x0, x1, size)  # (n, 3, size, size) float
+    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -9,11 +9,14 @@ feature code and one ``engine.identify_raw`` batch:
 - faces: the window's sampled frames (one every ``feature_params.img_interval_ms``:
   `mmid stream` sets the pipeline's sampling to it through
   ``stream.identify.sampling_config``, and denser frames are thinned here) through
-  ``engine.faces.crop_faces``, the same MTCNN crop and centre-crop fallback as
-  in training. Windows overlap (3 s every 1 s: each frame is in three
-  windows), so crops are cached per (stream id, frame time) in a bounded LRU
-  (checked against a fingerprint of the frame) and a frame is detected once; the frames new to a call are detected
-  together in one ``crop_faces`` call.
+  ``engine.face_track.FaceTracker``: the face of a stream's previous sampled frame
+  is followed by MTCNN's O-Net, the full cascade (``engine.faces.crop_faces``)
+  runs on a stream's first frame, after a lost track and every
+  ``[stream] face_redetect_s`` seconds; crops are cut by the same margin rule and
+  centre-crop fallback as in training. Windows overlap (3 s every 1 s: each frame
+  is in three windows), so crops are cached per (stream id, frame time) in a
+  bounded LRU (checked against a fingerprint of the frame) and a frame is
+  processed once; the frames new to a call go to the tracker together.
 - audio: the window's 16 kHz mono samples; text: its transcript.
 
 Each result carries the fused top person, the top-k, and per-modality
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import Config
+from engine.face_track import FaceTracker
 from engine.faces import crop_faces
 from engine.runtime import ENGINE_FILE, MODALITIES, Engine, Identification
 from stream.events import ModelInfo
@@ -63,7 +67,7 @@ class FaceCache:
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self.max_frames = max_frames
-        self.detected = 0  # frames run through MTCNN
+        self.detected = 0  # frames run through face detection or tracking (engine.face_track)
         self.hits = 0  # frames served from the cache
         self._entries: OrderedDict[tuple[str, float], tuple[bytes, FaceEntry]] = OrderedDict()
 
@@ -108,6 +112,8 @@ class EngineIdentifier:
         self.info = info or model_info(engine)
         self.img_interval_ms = self.params.img_interval_ms  # read by stream.identify.sampling_config
         self.faces = FaceCache(cache_frames)
+        self.tracker = FaceTracker(self.params.face_size, self.params.face_margin, self.detect_device,
+                                   redetect_s=cfg.stream.face_redetect_s)
         self._interval_s = self.params.img_interval_ms / 1000.0
         self._warned_sparse = False
 
@@ -167,8 +173,7 @@ class EngineIdentifier:
                 else:
                     known[k] = entry
         if todo:
-            crops, found, boxes = crop_faces(list(todo.values()), self.params.face_size, self.params.face_margin,
-                                             self.detect_device)
+            crops, found, boxes = self.tracker.crop([(k[0], k[1], frame) for k, frame in todo.items()])
             self.faces.detected += len(todo)
             for (k, frame), c, f, b in zip(todo.items(), crops, found, boxes):
                 known[k] = (c, bool(f), b)
