@@ -61,8 +61,10 @@ def make_tokenizer(path: Path) -> Path:
 
 
 def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS, int8: bool = True,
-                  sparse_budget: tuple[float, ...] | None = None, seed: int = 0) -> Path:
-    """Export a random-weight model of ``preset`` to ``out`` (reused when already there)."""
+                  sparse_budget: tuple[float, ...] | None = None, seed: int = 0, corpus: Path | None = None) -> Path:
+    """Export a random-weight model of ``preset`` to ``out`` (reused when already there). Its
+    int8 graphs are calibrated on the bench stream's windows."""
+    from engine.backends.feature_cache import SPLIT_FORMAT
     from engine.dims import preset_dims
     from engine.export import export_engine
     from engine.features import FeatureParams
@@ -70,14 +72,37 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
 
     if (out / "engine.json").exists():
         info = json.loads((out / "engine.json").read_text())
-        if name != "mme2e" or info.get("split_graphs"):  # dense engines from before the split graphs: rebuild
+        # dense engines from before the split graphs or their int8 CNNs: rebuild
+        if name != "mme2e" or (info.get("split_format") == SPLIT_FORMAT and (info.get("split_int8_graphs") or not int8)):
             return out
     torch.manual_seed(seed)
     model = build_model(preset_dims(preset, name, n_persons)).eval()
     tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
     persons = [f"person{i}" for i in range(n_persons)]
+    data = stream_int8_inputs(model, tokenizer, corpus) if int8 else None
     return export_engine(model, persons, FeatureParams(), tokenizer, out, sparse_budget=sparse_budget, int8=int8,
-                         source=f"random weights, preset {preset}")
+                         source=f"random weights, preset {preset}", int8_data=data)
+
+
+def stream_int8_inputs(model, tokenizer: Path, corpus: Path | None, windows: int = 16):
+    """int8 calibration on the bench stream's first windows (faces, log-mel, tokens as the
+    window scope makes them); the top-1 check on random windows (random weights have no test split)."""
+    import dataclasses
+
+    from engine.export import random_int8_inputs
+    from engine.features import FeatureParams, Tokenizer, collate, make_sample
+
+    params = FeatureParams()
+    stream = Stream.make(params, corpus)
+    faces = FaceCache(stream, params)
+    tok = Tokenizer(tokenizer, max_tokens=params.max_tokens)
+    samples = []
+    for w in range(windows):
+        frames, audio, text, _ = stream.window(w)
+        crops, found = faces.get(frames)
+        samples.append(make_sample(crops, found, audio, text, tok, params))
+    return dataclasses.replace(random_int8_inputs(model), calibration=[collate(samples)], split="random (calibrated on "
+                               "the bench stream)")
 
 
 def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS,
@@ -310,6 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
     parser.add_argument("--backends", default="", help="comma list among torch, torch-cuda, torch-cuda-graphs (CUDA "
                         "graphs + fp16), onnx, onnx-cached (dense: CNN outputs reused across windows), onnx-int8, "
+                        "onnx-cached-int8 (dense: static int8 CNNs, cached), "
                         "tensorrt (default: all available)")
     parser.add_argument("--scopes", default="model,window", help="comma list among model,window")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
@@ -329,6 +355,7 @@ def available_backends(info: dict) -> list[str]:
     """Backends an engine (or run) folder can be timed with on this machine."""
     out = ["torch"] + (["onnx"] if info.get("graph") else []) + (["onnx-cached"] if info.get("split_graphs") else [])
     out += ["onnx-int8"] if info.get("int8_graph") else []
+    out += ["onnx-cached-int8"] if info.get("split_int8_graphs") else []
     if torch.cuda.is_available():
         out[1:1] = ["torch-cuda", "torch-cuda-graphs"]
         if info.get("plan"):
@@ -347,6 +374,8 @@ def open_engine(path: Path, backend: str, threads: int, feature_cache: int = 0):
         return Engine.load(path, "onnx", threads, feature_cache=feature_cache)
     if backend == "onnx-int8":
         return Engine.load(path, "onnx", threads, int8="force")  # timed even where top-1 did not hold
+    if backend == "onnx-cached-int8":
+        return Engine.load(path, "onnx", threads, int8="force", feature_cache=feature_cache)
     return Engine.load(path, backend, threads, device="cpu" if backend == "torch" else None)
 
 
@@ -364,7 +393,8 @@ def run(args: argparse.Namespace, cfg) -> int:
                 run_budget = budget or (DEFAULT_RUN_BUDGET if name == "mme2e_sparse" else None)
                 engines.append(random_run(preset, name, args.cache_dir / f"{preset}-{name}{tag}-run", sparse_budget=run_budget))
             else:
-                engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget))
+                engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget,
+                                             corpus=args.corpus))
     batches = [int(b) for b in args.batches.split(",")]
     scopes = args.scopes.split(",")
     rows = []
@@ -376,7 +406,7 @@ def run(args: argparse.Namespace, cfg) -> int:
             engine = open_engine(Path(path), backend, args.threads, cfg.engine.feature_cache)
             stream = stream or Stream.make(engine.feature_params, args.corpus)
             for scope in scopes:
-                if scope == "model" and backend == "onnx-cached":
+                if scope == "model" and backend.startswith("onnx-cached"):
                     continue  # repeated calls on one batch would all hit the cache: window scope only
                 for batch in batches:
                     iters = args.iters or max(3, 20 // batch)

@@ -100,6 +100,7 @@ class EngineConfig:
     sparse_budget: float = 0.0
     fp16: bool = True
     feature_cache: int = 1024
+    int8: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,13 @@
     mmid export --run RUN --backend onnx|tensorrt --out ENGINE [--sparse-budget F ...] [--data DATA] [--int8]
 
 The folder holds model.onnx (dynamic batch, frames, chunks, tokens), engine.json,
-tokenizer.json and model.safetensors (for the torch backend); with --int8 also
-model.int8.onnx (dynamic int8 MatMul/Gemm), with --backend tensorrt also model.plan
-(built here only when TensorRT and a GPU are present). Serving it never imports
-``training``.
+tokenizer.json and model.safetensors (for the torch backend); a dense model also
+as visual_cnn.onnx, audio_cnn.onnx and head.onnx (the cached backend). With --int8
+also model.int8.onnx (dynamic int8 MatMul/Gemm) and, dense, the CNN graphs in
+static int8 (engine/quantize.py: calibrated on --data's train split, checked for
+the same top-1 person on its test split, else random windows). With --backend
+tensorrt also model.plan (built here only when TensorRT and a GPU are present).
+Serving it never imports ``training``.
 
 The sparse model is exported in fixed-budget mode: per stage, a fixed fraction of
 each frame's sites is kept (top-k of the text-guided attention), so shapes are
@@ -39,14 +42,27 @@ REFERENCE_WINDOW = {"batch": 1, "frames": 6, "chunks": 8, "tokens": 14}  # a 3 s
 CALIBRATION_SAMPLES = 64
 
 
+@dataclasses.dataclass(frozen=True)
+class Int8Data:
+    """Inputs of the int8 export: Batches to calibrate static int8 on, Batches whose top-1
+    person the int8 graphs must keep (``split`` names where they come from), their labels."""
+
+    calibration: list
+    check: list
+    split: str
+    labels: list[int] | None = None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder written by mmid train")
     parser.add_argument("--out", required=True, type=Path, help="engine folder to write")
     parser.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
     parser.add_argument("--sparse-budget", type=float, nargs="+", metavar="F",
                         help="sparse model: fraction of sites kept per stage (one value, or one per stage)")
-    parser.add_argument("--data", type=Path, help="prepared dataset to calibrate the sparse budget on (valid split)")
-    parser.add_argument("--int8", action="store_true", help="also write a dynamic-int8 graph (MatMul/Gemm)")
+    parser.add_argument("--data", type=Path, help="prepared dataset: the sparse budget is calibrated on its valid split; "
+                        "with --int8 the int8 CNNs on its train split, their top-1 checked on its test split")
+    parser.add_argument("--int8", action="store_true", help="also write int8 graphs (whole model: dynamic int8 "
+                        "MatMul/Gemm; dense CNN graphs: static int8)")
     parser.add_argument("--max-batch", type=int, default=32, help="TensorRT profile: largest batch")
 
 
@@ -57,9 +73,10 @@ def run(args: argparse.Namespace, cfg) -> int:
     budget = None
     if meta.dims.name == "mme2e_sparse":
         budget = resolve_budget(model, args.sparse_budget, args.data, args.run, cfg.engine.sparse_budget)
+    int8_data = data_int8_inputs(args.run, args.data) if args.int8 and args.data is not None else None
     out = export_engine(model, meta.persons, meta.features, args.run / "tokenizer.json", args.out,
                         backend=args.backend, sparse_budget=budget, int8=args.int8, max_batch=args.max_batch,
-                        fp16=cfg.engine.fp16, source=str(args.run))
+                        fp16=cfg.engine.fp16, source=str(args.run), int8_data=int8_data)
     info = json.loads((out / ENGINE_FILE).read_text())
     if args.backend == "tensorrt" and not info["plan"]:
         print(f"mmid export: wrote {out} (ONNX graph + TensorRT profile) but no TensorRT plan: "
@@ -109,6 +126,28 @@ def calibrate_budget(model, data: Path, run: Path, limit: int = CALIBRATION_SAMP
     return tuple(round(float(f), 3) for f in mean)
 
 
+def data_batches(run: Path, data: Path, split: str, limit: int, batch: int = 8) -> tuple[list, list[int]]:
+    """Collated Batches of up to ``limit`` utterances of a prepared split, and their person indices."""
+    from engine.checkpoint import load_meta
+    from engine.features import Tokenizer, collate
+    from training.dataset import PreparedDataset, read_split  # export-time only: serving never gets here
+
+    meta = load_meta(run)
+    tokenizer = Tokenizer(run / "tokenizer.json", max_tokens=meta.features.max_tokens)
+    ids = read_split(data, meta.extra.get("split", "dialog"), split)[:limit]
+    ds = PreparedDataset(data, ids, tokenizer, meta.features, list(meta.persons))
+    items = [ds[i] for i in range(len(ds))]
+    batches = [collate([s for s, _ in items[i: i + batch]]) for i in range(0, len(items), batch)]
+    return batches, [y for _, y in items]
+
+
+def data_int8_inputs(run: Path, data: Path) -> Int8Data:
+    """Calibration (train split) and check (whole test split) inputs of a prepared dataset."""
+    calibration, _ = data_batches(run, data, "train", CALIBRATION_SAMPLES)
+    check, labels = data_batches(run, data, "test", 1 << 30)
+    return Int8Data(calibration, check, "test", labels)
+
+
 def count_window_flops(model: torch.nn.Module, sizes: dict[str, int] = REFERENCE_WINDOW) -> int:
     """FLOPs (2 per multiply-add) executed by one forward on the reference window."""
     from engine.backends.onnx_backend import example_inputs
@@ -147,11 +186,12 @@ def versions() -> dict[str, str]:
 
 def export_engine(model: torch.nn.Module, persons: Sequence[str], features: FeatureParams, tokenizer_file: Path,
                   out: Path, backend: str = "onnx", sparse_budget: Sequence[float] | None = None, int8: bool = False,
-                  max_batch: int = 32, fp16: bool = True, source: str = "") -> Path:
-    """Write an engine folder for ``model`` (eval mode; weights as given)."""
+                  max_batch: int = 32, fp16: bool = True, source: str = "", int8_data: Int8Data | None = None) -> Path:
+    """Write an engine folder for ``model`` (eval mode; weights as given). ``int8_data``: what
+    the int8 graphs are calibrated and checked on (default: random windows)."""
     from safetensors.torch import save_file
 
-    from engine.backends.onnx_backend import export_onnx, quantize_int8
+    from engine.backends.onnx_backend import export_onnx
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,37 +204,61 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
     export_onnx(model, out / "model.onnx")
     split = None
     if dims.name == "mme2e":  # per-frame CNN graphs + head: CNN outputs reused across overlapping windows
-        from engine.backends.feature_cache import export_split
+        from engine.backends.feature_cache import SPLIT_FORMAT, export_split
 
         split = export_split(model, out)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     info = {
         "format_version": ENGINE_FORMAT_VERSION, "backend": backend, "graph": "model.onnx", "int8_graph": None,
-        "plan": None, "split_graphs": split, "weights": "model.safetensors", "dims": json.loads(dims.to_json()), "persons": list(persons),
+        "plan": None, "split_graphs": split, "split_format": SPLIT_FORMAT if split else None, "weights": "model.safetensors", "dims": json.loads(dims.to_json()), "persons": list(persons),
         "features": features.to_dict(), "sparse_budget": list(dims.sparse_budget) or None,
         "flops_per_window": flops_report(model), "versions": versions(), "source": source,
     }
     if int8:
-        quantize_int8(out / "model.onnx", out / "model.int8.onnx")
-        info["int8_graph"] = "model.int8.onnx"
-        info["int8_top1_agreement_random"] = int8_agreement(out, model)
+        info.update(export_int8(out, model, split, int8_data or random_int8_inputs(model)))
     if backend == "tensorrt":
         info.update(tensorrt_build(out, dims, features, max_batch, fp16))
     (out / ENGINE_FILE).write_text(json.dumps(info, indent=2))
     return out
 
 
-def int8_agreement(out: Path, model: torch.nn.Module, n: int = 16) -> float:
-    """Fraction of random windows whose top-1 person is the same in the int8 and fp32 graphs."""
-    from engine.backends.onnx_backend import OnnxBackend, example_inputs
+def random_int8_inputs(model: torch.nn.Module, n: int = 16, seed: int = 0) -> Int8Data:
+    """Random windows to calibrate and check int8 on when no data is given."""
+    from engine.backends.onnx_backend import example_inputs
     from engine.features import Batch
 
     sizes = {"batch": n, "frames": 6, "chunks": 8, "tokens": 14}
-    batch = Batch(*example_inputs(model, sizes))
-    fp32 = OnnxBackend(out / "model.onnx").run(batch)["logits"].argmax(1)
-    q = OnnxBackend(out / "model.int8.onnx").run(batch)["logits"].argmax(1)
-    return float(np.mean(fp32 == q))
+    torch.manual_seed(seed)
+    return Int8Data([Batch(*example_inputs(model, sizes))], [Batch(*example_inputs(model, sizes))], "random")
+
+
+def export_int8(out: Path, model: torch.nn.Module, split: dict | None, data: Int8Data) -> dict:
+    """Write the int8 graphs and check them against the fp32 ones on ``data.check``."""
+    from engine.backends.feature_cache import CachedOnnxBackend
+    from engine.backends.onnx_backend import OnnxBackend
+    from engine.quantize import calibration_items, quantize_dynamic_int8, top1_agreement, write_split_int8
+
+    quantize_dynamic_int8(out / "model.onnx", out / "model.int8.onnx")
+    fp32 = OnnxBackend(out / "model.onnx")
+    check = {"split": data.split, "whole": top1_agreement(fp32, OnnxBackend(out / "model.int8.onnx"), data.check)}
+    info = {"int8_graph": "model.int8.onnx", "int8_check": check}
+    if split:
+        info["split_int8_graphs"] = write_split_int8(out, *calibration_items(data.calibration))
+        cached = CachedOnnxBackend(out, info["split_int8_graphs"], capacity=1)  # capacity 1: every window computed
+        check["cached"] = top1_agreement(fp32, cached, data.check)
+    if data.labels is not None:
+        check["accuracy"] = {"fp32": _accuracy(fp32, data.check, data.labels)}
+        check["accuracy"]["whole"] = _accuracy(OnnxBackend(out / "model.int8.onnx"), data.check, data.labels)
+        if split:
+            check["accuracy"]["cached"] = _accuracy(CachedOnnxBackend(out, info["split_int8_graphs"], 1), data.check,
+                                                    data.labels)
+    return info
+
+
+def _accuracy(backend, batches: list, labels: list[int]) -> float:
+    guesses = np.concatenate([backend.run(b)["logits"].argmax(1) for b in batches])
+    return round(float(np.mean(guesses == np.asarray(labels))), 4)
 
 
 def tensorrt_build(out: Path, dims: ModelDims, features: FeatureParams, max_batch: int, fp16: bool) -> dict:

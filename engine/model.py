@@ -74,8 +74,11 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, feats: Tensor, mask: Tensor) -> Tensor:
         """feats (B, F, flat), mask (B, F) bool -> (B, trans_dim)."""
-        B, F, _ = feats.shape
-        x = self.proj(feats)  # (B, F, D)
+        return self.attend(self.proj(feats), mask)
+
+    def attend(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Projected frames x (B, F, D), mask (B, F) bool -> CLS output (B, D)."""
+        B = x.shape[0]
         x = torch.cat([self.cls.expand(B, 1, -1).type(x.dtype), x], dim=1)  # (B, 1+F, D)
         keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1+F): CLS always attendable
         for layer in self.layers:
@@ -173,22 +176,28 @@ class MME2E(_MME2EBase):
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
         return cnn(x).flatten(1)  # (N, flat)
 
-    def forward_from_features(self, visual_feats: Tensor, face_mask: Tensor, audio_feats: Tensor, audio_mask: Tensor,
-                              text: Tensor, text_mask: Tensor) -> ModelOutput:
-        """``forward`` after the CNNs: their outputs per frame and per chunk given.
+    def frame_embedding(self, modality: str, x: Tensor) -> Tensor:
+        """One modality's frames or chunks x (N, Cin, H, W) -> their projected CNN outputs
+        (N, trans_dim): everything the dense model computes from a frame alone."""
+        seq = self.audio_seq if modality == "audio" else self.visual_seq
+        return seq.proj(self.frame_features(modality, x, None, None))
 
-        visual_feats (B, F, flat_visual), audio_feats (B, C, flat_audio): the
-        flattened CNN maps of each frame/chunk (``frame_features``), any values where
-        the mask is False. In the dense model a frame's CNN output depends on that
-        frame alone, so callers may compute it once and reuse it in every window that
-        holds the frame (engine/backends/feature_cache.py)."""
+    def forward_from_features(self, visual_emb: Tensor, face_mask: Tensor, audio_emb: Tensor, audio_mask: Tensor,
+                              text: Tensor, text_mask: Tensor) -> ModelOutput:
+        """``forward`` after the per-frame work: each frame's and chunk's
+        ``frame_embedding`` given.
+
+        visual_emb (B, F, trans_dim), audio_emb (B, C, trans_dim), any values where the
+        mask is False. In the dense model a frame's embedding depends on that frame
+        alone, so callers may compute it once and reuse it in every window that holds
+        the frame (engine/backends/feature_cache.py)."""
         text, text_mask = _at_least_one_token(text, text_mask)
-        visual_feats, face_mask = _at_least_one_frame(visual_feats, face_mask)
-        audio_feats, audio_mask = _at_least_one_frame(audio_feats, audio_mask)
+        visual_emb, face_mask = _at_least_one_frame(visual_emb, face_mask)
+        audio_emb, audio_mask = _at_least_one_frame(audio_emb, audio_mask)
         present = torch.stack([text_mask.any(1), audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
         text_cls = self.text(text, text_mask)  # (B, Ht)
-        audio_cls = self._sequence("audio", audio_feats, audio_mask)  # (B, D)
-        visual_cls = self._sequence("visual", visual_feats, face_mask)  # (B, D)
+        audio_cls = self.audio_seq.attend(audio_emb, audio_mask)  # (B, D)
+        visual_cls = self.visual_seq.attend(visual_emb, face_mask)  # (B, D)
         return self._heads(text_cls, audio_cls, visual_cls, present)
 
 

@@ -189,17 +189,19 @@ def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads:
 
         if info.get("run"):
             raise ValueError(f"{path} is a run folder: export it first (mmid export --run {path} --out ENGINE)")
-        if feature_cache > 0 and not int8 and info.get("split_graphs"):
+        if feature_cache > 0 and _split_graphs_usable(path, info) and (not int8 or info.get("split_int8_graphs")):
             from engine.backends.feature_cache import CachedOnnxBackend
 
-            return CachedOnnxBackend(path, info["split_graphs"], feature_cache, threads=threads)
+            if not int8:
+                return CachedOnnxBackend(path, info["split_graphs"], feature_cache, threads=threads)
+            _require_int8_top1(path, info, "cached", int8)
+            return CachedOnnxBackend(path, info["split_int8_graphs"], feature_cache, threads=threads,
+                                     name="onnx-cached-int8")
         graph = info.get("int8_graph") if int8 else info["graph"]
         if not graph:
             raise ValueError(f"{path} has no int8 graph: export with --int8")
-        agreement = info.get("int8_top1_agreement_random", 1.0)
-        if int8 and int8 != "force" and agreement < 1.0:
-            raise ValueError(f"{path}: the int8 graph changed the top-1 person on {1 - agreement:.0%} of the export's "
-                             "check windows, so it is not served (int8='force' loads it anyway, e.g. for timing)")
+        if int8:
+            _require_int8_top1(path, info, "whole", int8)
         return OnnxBackend(path / graph, threads=threads, device="cpu", name="onnx-int8" if int8 else "onnx")
     if choice == "tensorrt":
         from engine.backends.tensorrt_backend import TensorRTBackend, require_tensorrt
@@ -210,6 +212,29 @@ def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads:
         return TensorRTBackend(path / info["plan"])
     return _torch_backend(path, info, dims, threads, device or ("cuda" if _cuda_available() else "cpu"), compile,
                           cuda_graphs, half)
+
+
+def _split_graphs_usable(path: Path, info: dict) -> bool:
+    """Split graphs in the current format (older exports' CNN graphs stop before the projection)."""
+    from engine.backends.feature_cache import SPLIT_FORMAT
+
+    if not info.get("split_graphs"):
+        return False
+    if info.get("split_format", 1) != SPLIT_FORMAT:
+        log.warning("%s: split graphs of an older export; the CNN output cache is off until it is exported again", path)
+        return False
+    return True
+
+
+def _require_int8_top1(path: Path, info: dict, variant: str, int8: bool | str) -> None:
+    """Refuse an int8 variant that changed the top-1 person on a check window of the export
+    (``int8="force"`` loads it anyway, e.g. for timing)."""
+    check = info.get("int8_check", {})
+    agreement = check.get(variant, {}).get("top1_agreement", info.get("int8_top1_agreement_random", 1.0))
+    if int8 != "force" and agreement < 1.0:
+        raise ValueError(f"{path}: the int8 graphs ({variant}) changed the top-1 person on {1 - agreement:.1%} of the "
+                         f"export's check windows ({check.get('split', 'random')}), so they are not served "
+                         "(int8='force' loads them anyway, e.g. for timing)")
 
 
 def _torch_backend(path: Path, info: dict, dims: ModelDims, threads: int, device: str, compile: bool,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,19 @@ def test_feature_cache_needs_the_dense_split_graphs(engines):
     assert Engine.load(folder, backend="onnx", threads=1, feature_cache=0).backend_name == "onnx"
 
 
+def test_split_graphs_of_an_older_format_are_not_used(engines, tmp_path):
+    """Split graphs exported before the projection moved into the CNN graphs would feed
+    the head rows of the wrong width: such a folder serves with its whole graph."""
+    _, folder = engines["mme2e"]
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    info = json.loads((old / "engine.json").read_text())
+    del info["split_format"]
+    (old / "engine.json").write_text(json.dumps(info))
+    assert Engine.load(old, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx"
+    assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx-cached"
+
+
 def test_absent_modality_reported(engines):
     model, folder = engines["mme2e"]
     out = Engine.load(folder, backend="onnx").run(random_batch(model.dims, 3, 4, 4, 6))
@@ -201,11 +215,32 @@ def test_int8_served_only_when_top1_holds(engines, name):
     info = json.loads((folder / "engine.json").read_text())
     forced = Engine.load(folder, "onnx", int8="force")
     assert forced.backend_name == "onnx-int8"
-    if info["int8_top1_agreement_random"] == 1.0:
+    assert info["int8_check"]["split"] == "random" and info["int8_check"]["whole"]["windows"] == 16
+    if info["int8_check"]["whole"]["top1_agreement"] == 1.0:
         np.testing.assert_array_equal(Engine.load(folder, "onnx", int8=True).run(batch)["logits"].argmax(1), ref)
     else:
         with pytest.raises(ValueError, match="top-1"):
             Engine.load(folder, "onnx", int8=True)
+
+
+def test_int8_cnn_graphs_serve_through_the_cache(engines):
+    """Dense: static int8 CNN graphs + the fp32 head, behind the same feature cache; close to
+    fp32 (they are quantised, not equal), served only when the top-1 check held."""
+    model, folder = engines["mme2e"]
+    info = json.loads((folder / "engine.json").read_text())
+    assert set(info["split_int8_graphs"].values()) <= {p.name for p in folder.iterdir()}
+    graph = onnx.load(str(folder / info["split_int8_graphs"]["visual"]))
+    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)  # really int8 convolutions
+    batch = random_batch(model.dims, 8, 6, 8, 14, seed=3)
+    fp32 = _reference(model, batch)
+    engine = Engine.load(folder, "onnx", int8="force", feature_cache=64)
+    assert engine.backend_name == "onnx-cached-int8"
+    probs = engine.run(batch)["logits"]
+    assert np.abs(probs - fp32["logits"]).max() < 0.5 * np.abs(fp32["logits"]).max()
+    assert engine.run(batch)["logits"].tolist() == probs.tolist()  # second call: every item from the cache
+    if info["int8_check"]["cached"]["top1_agreement"] < 1.0:
+        with pytest.raises(ValueError, match="top-1"):
+            Engine.load(folder, "onnx", int8=True, feature_cache=64)
 
 
 def test_sparse_export_executes_fewer_flops(engines):

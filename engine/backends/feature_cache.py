@@ -2,13 +2,14 @@
 
 Overlapping windows of a stream share most of their inputs: with 3 s windows every
 1 s, each sampled face frame is in three windows. In the dense model a frame's CNN
-output depends on that frame alone (``MME2E.forward_from_features``), so the engine
-folder holds the model in three graphs as well as whole:
+output and its projection to the transformer width depend on that frame alone
+(``MME2E.frame_embedding``, ``MME2E.forward_from_features``), so the engine folder
+holds the model in three graphs as well as whole:
 
-    visual_cnn.onnx  faces (N, 3, S, S)           -> visual_feats (N, flat_visual)
-    audio_cnn.onnx   audio (N, 1, n_mels, frames) -> audio_feats (N, flat_audio)
-    head.onnx        visual_feats (B, F, flat_visual), face_mask, audio_feats (B, C,
-                     flat_audio), audio_mask, text, text_mask -> the four outputs
+    visual_cnn.onnx  faces (N, 3, S, S)           -> visual_feats (N, trans_dim)
+    audio_cnn.onnx   audio (N, 1, n_mels, frames) -> audio_feats (N, trans_dim)
+    head.onnx        visual_feats (B, F, trans_dim), face_mask, audio_feats (B, C,
+                     trans_dim), audio_mask, text, text_mask -> the four outputs
 
 and ``CachedOnnxBackend`` runs the CNN graphs only on frames and chunks it has not
 seen. Keys are digests of the input tensors themselves, so a hit is exact by
@@ -37,6 +38,7 @@ from torch import nn
 from engine.backends import GRAPH_OUTPUT_NAMES, numpy_inputs, outputs_dict
 
 SPLIT_GRAPHS = {"visual": "visual_cnn.onnx", "audio": "audio_cnn.onnx", "head": "head.onnx"}
+SPLIT_FORMAT = 2  # 2: the CNN graphs include the projection to trans_dim (1: flattened CNN maps)
 # head.onnx inputs, in _Head.forward's order -> (axis 0, axis 1) names of their dynamic axes
 HEAD_AXES = {"visual_feats": ("batch", "frames"), "face_mask": ("batch", "frames"), "audio_feats": ("batch", "chunks"),
              "audio_mask": ("batch", "chunks"), "text": ("batch", "tokens"), "text_mask": ("batch", "tokens")}
@@ -49,7 +51,7 @@ class _CNN(nn.Module):
         self.model, self.modality = model, modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.frame_features(self.modality, x, None, None)  # (N, flat)
+        return self.model.frame_embedding(self.modality, x)  # (N, trans_dim)
 
 
 class _Head(nn.Module):
@@ -83,8 +85,8 @@ def export_split(model: nn.Module, folder: str | Path) -> dict[str, str]:
     _export(_CNN(model, "visual"), (faces,), {"x": {0: n}}, ["faces"], ["visual_feats"], folder / SPLIT_GRAPHS["visual"])
     _export(_CNN(model, "audio"), (audio,), {"x": {0: n}}, ["audio"], ["audio_feats"], folder / SPLIT_GRAPHS["audio"])
     B, F, C, L = 2, 3, 4, 5  # >= 2: size-1 examples get specialised
-    example = (torch.randn(B, F, d.flat_size("visual"), generator=g), torch.ones(B, F, dtype=torch.bool),
-               torch.randn(B, C, d.flat_size("audio"), generator=g), torch.ones(B, C, dtype=torch.bool),
+    example = (torch.randn(B, F, d.trans_dim, generator=g), torch.ones(B, F, dtype=torch.bool),
+               torch.randn(B, C, d.trans_dim, generator=g), torch.ones(B, C, dtype=torch.bool),
                torch.randint(1, min(d.text_vocab, 1000), (B, L), generator=g), torch.ones(B, L, dtype=torch.bool))
     axes = {
         "batch": torch.export.Dim("batch", min=1, max=4096), "frames": torch.export.Dim("frames", min=1, max=4096),
@@ -141,13 +143,13 @@ class CachedOnnxBackend:
         self.name, self.device, self.path = name, device, folder
 
     def _features(self, modality: str, items: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> np.ndarray:
-        """items (B, F, ...) float32, mask (B, F), scopes (B,) -> (B, F, flat): cached rows, the
+        """items (B, F, ...) float32, mask (B, F), scopes (B,) -> (B, F, width): cached rows, the
         CNN graph run once on the real items not seen yet in their scope; zeros where the
         mask is False."""
         cache, session = self.caches[modality], self.sessions[modality]
         B, F = mask.shape
-        flat = session.get_outputs()[0].shape[1]
-        out = np.zeros((B, F, flat), dtype=np.float32)
+        width = session.get_outputs()[0].shape[1]
+        out = np.zeros((B, F, width), dtype=np.float32)
         todo: dict[bytes, list[tuple[int, int]]] = {}
         for b, f in zip(*np.nonzero(mask)):
             key = digest(items[b, f], scopes[b])
@@ -161,7 +163,7 @@ class CachedOnnxBackend:
         if todo:
             first = [places[0] for places in todo.values()]
             x = np.stack([items[b, f] for b, f in first])  # (N, ...) one CNN call for every new item
-            rows = session.run(None, {session.get_inputs()[0].name: x})[0]  # (N, flat)
+            rows = session.run(None, {session.get_inputs()[0].name: x})[0]  # (N, width)
             for (key, places), row in zip(todo.items(), rows):
                 cache.put(key, row.copy())  # a row of its own: the call's output array is not kept alive
                 for b, f in places:

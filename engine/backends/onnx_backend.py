@@ -69,14 +69,6 @@ def export_onnx(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run time)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
-    return Path(dst)
-
-
 class OnnxBackend:
     """ONNX Runtime on the CPU provider (CUDA provider when installed and asked for)."""
 

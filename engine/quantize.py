@@ -1,0 +1,105 @@
+"""int8 graphs of an engine folder (`mmid export --int8`), and the check that they may serve.
+
+Two kinds, by what runs fastest on a CPU without VNNI (measured, BENCHMARKS.md):
+- ``model.int8.onnx``: the whole model with dynamic int8 MatMul/Gemm weights
+  (activations quantised at run time);
+- dense model, ``visual_cnn.int8.onnx`` and ``audio_cnn.int8.onnx``: the per-frame
+  CNN graphs with static int8 convolutions (QDQ format: per-channel int8 weights,
+  uint8 activations whose ranges come from calibration inputs), served with
+  ``head.onnx`` in fp32 by the cached backend. Static int8 halves the CNNs' time
+  here; dynamic int8 did not speed up the text encoder's MatMuls at window sizes.
+
+Calibration inputs are real model inputs: with ``--data``, face frames and audio
+chunks of training-split utterances; without, those of the bench's stream (what
+random-weight engines are timed on).
+
+An int8 variant serves only if it names the same top person as the fp32 graphs
+on every check window: with ``--data`` the test split (issue 5's rule), without,
+random windows. ``engine.json`` records the check (``int8_check``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+SPLIT_INT8_GRAPHS = {"visual": "visual_cnn.int8.onnx", "audio": "audio_cnn.int8.onnx", "head": "head.onnx"}
+CALIBRATION_ITEMS = 256  # frames / chunks per CNN at most
+CALIBRATION_BATCH = 32
+
+
+def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
+    """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    return Path(dst)
+
+
+def quantize_static_int8(src: str | Path, dst: str | Path, items: np.ndarray) -> Path:
+    """Static QDQ int8 of a one-input graph (a CNN: items (N, ...) float32 as its input takes
+    them): per-channel int8 weights, uint8 activations calibrated (min/max) on ``items``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
+
+    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.chunks = iter(items[i: i + CALIBRATION_BATCH] for i in range(0, len(items), CALIBRATION_BATCH))
+
+        def get_next(self) -> dict | None:
+            x = next(self.chunks, None)
+            return None if x is None else {name: np.ascontiguousarray(x, dtype=np.float32)}
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre))  # shape inference + graph clean-up, as the quantizer expects
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return Path(dst)
+
+
+def write_split_int8(folder: str | Path, faces: np.ndarray, audio: np.ndarray) -> dict[str, str]:
+    """Static int8 CNN graphs beside a dense engine folder's split graphs, calibrated on face
+    frames (N, 3, S, S) and audio chunks (M, 1, n_mels, frames); -> SPLIT_INT8_GRAPHS."""
+    folder = Path(folder)
+    if not len(faces) or not len(audio):
+        raise ValueError("int8 calibration needs at least one face frame and one audio chunk")
+    quantize_static_int8(folder / "visual_cnn.onnx", folder / SPLIT_INT8_GRAPHS["visual"], faces[:CALIBRATION_ITEMS])
+    quantize_static_int8(folder / "audio_cnn.onnx", folder / SPLIT_INT8_GRAPHS["audio"], audio[:CALIBRATION_ITEMS])
+    return dict(SPLIT_INT8_GRAPHS)
+
+
+def calibration_items(batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
+    """The real face frames (N, 3, S, S) and audio chunks (M, 1, n_mels, frames) of Batches,
+    spread over them: every k-th item so that at most CALIBRATION_ITEMS of each are kept."""
+    faces, audio = [], []
+    for b in batches:
+        faces.append(b.faces[b.face_mask].numpy())
+        audio.append(b.audio[b.audio_mask].numpy())
+    f, a = np.concatenate(faces), np.concatenate(audio)
+    return f[:: max(1, len(f) // CALIBRATION_ITEMS)], a[:: max(1, len(a) // CALIBRATION_ITEMS)]
+
+
+def top1_agreement(reference, other, batches: Iterable) -> dict[str, float]:
+    """Run two backends on the same Batches: fraction of windows with the same top person, and
+    the largest absolute difference of their fused probabilities."""
+    same, n, gap = 0, 0, 0.0
+    for b in batches:
+        x, y = reference.run(b), other.run(b)
+        same += int((x["logits"].argmax(1) == y["logits"].argmax(1)).sum())
+        n += len(x["logits"])
+        gap = max(gap, float(np.abs(_softmax(x["logits"]) - _softmax(y["logits"])).max()))
+    return {"windows": n, "top1_agreement": same / max(n, 1), "max_prob_diff": round(gap, 5)}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
