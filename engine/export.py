@@ -234,31 +234,21 @@ def random_int8_inputs(model: torch.nn.Module, n: int = 16, seed: int = 0) -> In
 
 
 def export_int8(out: Path, model: torch.nn.Module, split: dict | None, data: Int8Data) -> dict:
-    """Write the int8 graphs and check them against the fp32 ones on ``data.check``."""
+    """Write the int8 graphs and compare them with the fp32 graph on ``data.check``."""
     from engine.backends.feature_cache import CachedOnnxBackend
     from engine.backends.onnx_backend import OnnxBackend
-    from engine.quantize import calibration_items, quantize_dynamic_int8, top1_agreement, write_split_int8
+    from engine.quantize import calibration_items, compare, fused_logits, quantize_dynamic_int8, write_split_int8
 
     quantize_dynamic_int8(out / "model.onnx", out / "model.int8.onnx")
-    fp32 = OnnxBackend(out / "model.onnx")
-    check = {"split": data.split, "whole": top1_agreement(fp32, OnnxBackend(out / "model.int8.onnx"), data.check)}
+    fp32 = fused_logits(OnnxBackend(out / "model.onnx"), data.check)
+    whole = fused_logits(OnnxBackend(out / "model.int8.onnx"), data.check)
+    check = {"split": data.split, "whole": compare(fp32, whole, data.labels)}
     info = {"int8_graph": "model.int8.onnx", "int8_check": check}
     if split:
         info["split_int8_graphs"] = write_split_int8(out, *calibration_items(data.calibration))
-        cached = CachedOnnxBackend(out, info["split_int8_graphs"], capacity=1)  # capacity 1: every window computed
-        check["cached"] = top1_agreement(fp32, cached, data.check)
-    if data.labels is not None:
-        check["accuracy"] = {"fp32": _accuracy(fp32, data.check, data.labels)}
-        check["accuracy"]["whole"] = _accuracy(OnnxBackend(out / "model.int8.onnx"), data.check, data.labels)
-        if split:
-            check["accuracy"]["cached"] = _accuracy(CachedOnnxBackend(out, info["split_int8_graphs"], 1), data.check,
-                                                    data.labels)
+        cached = CachedOnnxBackend(out, info["split_int8_graphs"], capacity=1)  # capacity 1: no reuse across windows
+        check["cached"] = compare(fp32, fused_logits(cached, data.check), data.labels)
     return info
-
-
-def _accuracy(backend, batches: list, labels: list[int]) -> float:
-    guesses = np.concatenate([backend.run(b)["logits"].argmax(1) for b in batches])
-    return round(float(np.mean(guesses == np.asarray(labels))), 4)
 
 
 def tensorrt_build(out: Path, dims: ModelDims, features: FeatureParams, max_batch: int, fp16: bool) -> dict:

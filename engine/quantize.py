@@ -24,7 +24,7 @@ import contextlib
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -88,16 +88,21 @@ def calibration_items(batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
     return f[:: max(1, len(f) // CALIBRATION_ITEMS)], a[:: max(1, len(a) // CALIBRATION_ITEMS)]
 
 
-def top1_agreement(reference, other, batches: Iterable) -> dict[str, float]:
-    """Run two backends on the same Batches: fraction of windows with the same top person, and
-    the largest absolute difference of their fused probabilities."""
-    same, n, gap = 0, 0, 0.0
-    for b in batches:
-        x, y = reference.run(b), other.run(b)
-        same += int((x["logits"].argmax(1) == y["logits"].argmax(1)).sum())
-        n += len(x["logits"])
-        gap = max(gap, float(np.abs(_softmax(x["logits"]) - _softmax(y["logits"])).max()))
-    return {"windows": n, "top1_agreement": same / max(n, 1), "max_prob_diff": round(gap, 5)}
+def fused_logits(backend, batches: Iterable) -> np.ndarray:
+    """A backend's fused logits (N, persons) over Batches, in order."""
+    return np.concatenate([backend.run(b)["logits"] for b in batches])
+
+
+def compare(reference: np.ndarray, other: np.ndarray, labels: Sequence[int] | None = None) -> dict[str, float]:
+    """Two backends' fused logits on the same windows: fraction with the same top person, the
+    largest absolute difference of their fused probabilities, and with labels both accuracies."""
+    out = {"windows": len(reference), "top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))),
+           "max_prob_diff": round(float(np.abs(_softmax(reference) - _softmax(other)).max()), 5)}
+    if labels is not None:
+        y = np.asarray(labels)
+        out["accuracy_fp32"] = round(float(np.mean(reference.argmax(1) == y)), 4)
+        out["accuracy_int8"] = round(float(np.mean(other.argmax(1) == y)), 4)
+    return out
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -213,3 +213,18 @@ def test_metrics_by_hand():
 def test_train_refuses_a_folder_that_is_not_prepared(tmp_path, capsys):
     assert mmid(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 2
     assert "not a prepared dataset" in capsys.readouterr().out
+
+
+def test_int8_export_keeps_the_top_person_on_every_test_utterance(tiny_runs, prepared_tiny, tmp_path):
+    """`mmid export --int8 --data`: the int8 graphs are compared with the fp32 graph on the
+    whole test split, and the dense cached int8 engine names the same person on each."""
+    from engine.runtime import Engine
+
+    out = tmp_path / "engine"
+    assert mmid(["export", "--run", str(tiny_runs["mme2e"]), "--out", str(out), "--int8", "--data", str(prepared_tiny)]) == 0
+    check = json.loads((out / "engine.json").read_text())["int8_check"]
+    n_test = len(read_split(prepared_tiny, "dialog", "test"))
+    assert check["split"] == "test" and check["whole"]["windows"] == check["cached"]["windows"] == n_test
+    assert check["cached"]["accuracy_fp32"] >= 0.9, check
+    assert check["cached"]["top1_agreement"] == 1.0, check
+    assert Engine.load(out, "onnx", int8=True, feature_cache=64).backend_name == "onnx-cached-int8"
