@@ -19,6 +19,12 @@ The full cascade runs instead when there is no track to follow:
   detection, so that a new or larger face is picked up (the cascade reports the
   largest face; a track keeps the face it follows).
 
+Tracking is for the CPU, where the cascade costs ~26 ms a frame (224x224, 2
+threads) and a followed frame 5-7 ms. On a GPU the batched cascade detects
+thousands of frames per second in one call (BENCHMARKS.md, Whole window on the
+H200), while following is one small call per frame of a source in time order, so
+a tracker on a CUDA device runs the cascade on every frame.
+
 Crops are cut from the boxes exactly as ``crop_faces`` cuts them (same margin
 rule, same area resampling, same centre-square fallback). Agreement of tracked
 and fully detected boxes on synthetic-corpus videos is measured by
@@ -59,13 +65,15 @@ class TrackStats:
 
 class FaceTracker:
     """``crop(items)``: face crops of (source, stream time, RGB frame) items, tracking each
-    source's face between calls. ``redetect_s`` 0 turns tracking off (every frame detected)."""
+    source's face between calls. ``redetect_s`` 0 turns tracking off (every frame detected),
+    as does a CUDA ``device`` (see the module doc)."""
 
     def __init__(self, size: int = FACE_SIZE, margin: int = FACE_MARGIN, device: str = "cpu",
                  redetect_s: float = REDETECT_S, max_gap_s: float = MAX_GAP_S, max_sources: int = MAX_SOURCES,
                  steps: int = STEPS):
         self.size, self.margin, self.device, self.steps = size, margin, str(device), steps
-        self.redetect_s, self.max_gap_s, self.max_sources = redetect_s, max_gap_s, max_sources
+        self.redetect_s = redetect_s if torch.device(device).type == "cpu" else 0.0
+        self.max_gap_s, self.max_sources = max_gap_s, max_sources
         self.tracks: OrderedDict[str, Track] = OrderedDict()
         self.stats = TrackStats()
 
