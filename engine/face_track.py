@@ -96,7 +96,7 @@ class FaceTracker:
               where: list[int]) -> None:
         """One frame per source: follow what can be followed, detect the rest in one cascade call."""
         follow = [k for k, (source, t, _) in enumerate(items) if self._followable(source, t)]
-        full = [k for k in range(len(items)) if k not in set(follow)]
+        full = sorted(set(range(len(items))) - set(follow))
         if follow:
             got, cut = self._follow([items[k][2] for k in follow], [self.tracks[items[k][0]].box for k in follow])
             for k, box, crop in zip(follow, got, cut):
