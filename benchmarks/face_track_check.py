@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.bench import machine, replace_section  # noqa: E402
+from engine.bench import machine, replace_section, time_calls  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
 from engine.face_track import FaceTracker, TrackStats  # noqa: E402
 from engine.faces import crop_faces  # noqa: E402
@@ -83,13 +82,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def median_ms(fn, calls: int = TIMED_CALLS) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * float(np.median(time_calls(fn, calls, "cpu", warmup=1)))
 
 
 def box_agreement(root: Path, n_videos: int) -> dict:

@@ -28,7 +28,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-SPLIT_INT8_GRAPHS = {"visual": "visual_cnn.int8.onnx", "audio": "audio_cnn.int8.onnx", "head": "head.onnx"}
+from engine.backends.feature_cache import SPLIT_GRAPHS
+
+# the CNN graphs in int8 beside the fp32 head: visual_cnn.int8.onnx, audio_cnn.int8.onnx, head.onnx
+SPLIT_INT8_GRAPHS = {k: v if k == "head" else v.replace(".onnx", ".int8.onnx") for k, v in SPLIT_GRAPHS.items()}
 CALIBRATION_ITEMS = 256  # frames / chunks per CNN at most
 CALIBRATION_BATCH = 32
 
@@ -72,8 +75,9 @@ def write_split_int8(folder: str | Path, faces: np.ndarray, audio: np.ndarray) -
     folder = Path(folder)
     if not len(faces) or not len(audio):
         raise ValueError("int8 calibration needs at least one face frame and one audio chunk")
-    quantize_static_int8(folder / "visual_cnn.onnx", folder / SPLIT_INT8_GRAPHS["visual"], faces[:CALIBRATION_ITEMS])
-    quantize_static_int8(folder / "audio_cnn.onnx", folder / SPLIT_INT8_GRAPHS["audio"], audio[:CALIBRATION_ITEMS])
+    for modality, items in (("visual", faces), ("audio", audio)):
+        quantize_static_int8(folder / SPLIT_GRAPHS[modality], folder / SPLIT_INT8_GRAPHS[modality],
+                             items[:CALIBRATION_ITEMS])
     return dict(SPLIT_INT8_GRAPHS)
 
 

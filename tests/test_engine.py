@@ -235,9 +235,9 @@ def test_int8_cnn_graphs_serve_through_the_cache(engines):
     fp32 = _reference(model, batch)
     engine = Engine.load(folder, "onnx", int8="force", feature_cache=64)
     assert engine.backend_name == "onnx-cached-int8"
-    probs = engine.run(batch)["logits"]
-    assert np.abs(probs - fp32["logits"]).max() < 0.5 * np.abs(fp32["logits"]).max()
-    assert engine.run(batch)["logits"].tolist() == probs.tolist()  # second call: every item from the cache
+    logits = engine.run(batch)["logits"]
+    assert np.abs(logits - fp32["logits"]).max() < 0.5 * np.abs(fp32["logits"]).max()
+    assert engine.run(batch)["logits"].tolist() == logits.tolist()  # second call: every item from the cache
     if info["int8_check"]["cached"]["top1_agreement"] < 1.0:
         with pytest.raises(ValueError, match="top-1"):
             Engine.load(folder, "onnx", int8=True, feature_cache=64)
