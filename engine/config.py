@@ -73,6 +73,8 @@ class TrainConfig:
     lr: float = 0.0
     text_lr: float = 5e-5
     warmup_steps: int = 50
+    lr_decay: Literal["none", "cosine"] = "none"
+    lr_min_ratio: float = 0.05
     weight_decay: float = 1e-4
     clip_grad: float = 10.0
     loss: Literal["ce", "bce"] = "ce"

@@ -184,6 +184,21 @@ def test_sparse_entropy_weights_per_modality():
     assert sparse_entropy_weights(cfg("train.sparse_entropy_weight_audio=0"), "paper") == {"visual": 0.5, "audio": 0.0}
 
 
+def test_learning_rate_warms_up_then_holds_or_follows_a_cosine():
+    from training.train import learning_rate_scale
+
+    cfg = lambda *o: load_config(None, ["train.warmup_steps=10", *o])  # noqa: E731
+    flat, cosine = cfg(), cfg('train.lr_decay="cosine"', "train.lr_min_ratio=0.1")
+    assert [learning_rate_scale(flat, s, 100) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert learning_rate_scale(flat, 99, 100) == 1.0
+    assert learning_rate_scale(cosine, 4, 100) == pytest.approx(0.5)  # warm-up is the same
+    scales = [learning_rate_scale(cosine, s, 100) for s in range(10, 100)]
+    assert scales[0] == pytest.approx(1.0) and scales[-1] == pytest.approx(0.1)
+    assert scales[44] == pytest.approx(0.55, abs=0.02)  # half-way: the mean of 1 and 0.1
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
+    assert learning_rate_scale(cosine, 500, 100) == pytest.approx(0.1)  # a resumed run past the end stays low
+
+
 def test_weight_average_moves_towards_the_live_weights():
     from training.weight_average import WeightAverage
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -111,11 +112,24 @@ def build_dims(job: TrainJob, cfg: Config, n_persons: int, learned_vocab: int) -
                        sparse_threshold=cfg.model.sparse_threshold)
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, step: int) -> None:
-    """Linear warm-up of every group's ``base_lr`` over ``warmup_steps`` optimizer steps,
-    then constant. A function of the global step alone, so a resumed run continues
-    the same schedule."""
-    scale = min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps > 0 else 1.0
+def learning_rate_scale(cfg: Config, step: int, total_steps: int) -> float:
+    """Factor on every group's ``base_lr`` at optimizer step ``step`` (0-based) of
+    ``total_steps``: linear warm-up over ``warmup_steps``, then 1 (``lr_decay = "none"``)
+    or a half cosine from 1 down to ``lr_min_ratio`` at the last step (``"cosine"``)."""
+    warmup = cfg.train.warmup_steps
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if cfg.train.lr_decay == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+    low = cfg.train.lr_min_ratio
+    return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, step: int, total_steps: int) -> None:
+    """Every group's ``base_lr`` times ``learning_rate_scale``: a function of the global
+    step alone, so a resumed run continues the same schedule."""
+    scale = learning_rate_scale(cfg, step, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * scale
 
@@ -295,7 +309,7 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         model.train()
         total, count = 0.0, 0
         for step, (batch, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
-            set_learning_rates(optimizer, cfg, (epoch - 1) * len(loader) + step)
+            set_learning_rates(optimizer, cfg, (epoch - 1) * len(loader) + step, cfg.train.epochs * len(loader))
             batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
             out = model(*batch.model_inputs())
             loss = loss_fn(out, labels.to(device), cfg)
