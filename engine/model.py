@@ -182,20 +182,25 @@ class MME2E(_MME2EBase):
         seq = self.audio_seq if modality == "audio" else self.visual_seq
         return seq.proj(self.frame_features(modality, x, None, None))
 
+    def text_features(self, text: Tensor, text_mask: Tensor) -> Tensor:
+        """Token ids (B, L), mask (B, L) -> the text encoder's CLS (B, Ht): a function of a
+        window's tokens alone, so windows with the same transcript may share it."""
+        text, text_mask = _at_least_one_token(text, text_mask)
+        return self.text(text, text_mask)
+
     def forward_from_features(self, visual_emb: Tensor, face_mask: Tensor, audio_emb: Tensor, audio_mask: Tensor,
-                              text: Tensor, text_mask: Tensor) -> ModelOutput:
-        """``forward`` after the per-frame work: each frame's and chunk's
-        ``frame_embedding`` given.
+                              text_cls: Tensor, text_present: Tensor) -> ModelOutput:
+        """``forward`` after the work that depends on one frame, chunk or transcript alone:
+        each frame's and chunk's ``frame_embedding`` and each window's ``text_features``.
 
         visual_emb (B, F, trans_dim), audio_emb (B, C, trans_dim), any values where the
-        mask is False. In the dense model a frame's embedding depends on that frame
-        alone, so callers may compute it once and reuse it in every window that holds
-        the frame (engine/backends/feature_cache.py)."""
-        text, text_mask = _at_least_one_token(text, text_mask)
+        mask is False; text_cls (B, Ht), any values where text_present (B,) is False. In
+        the dense model these depend on their own input alone, so callers may compute
+        them once and reuse them in every window that holds the same frame, chunk or
+        transcript (engine/backends/feature_cache.py)."""
         visual_emb, face_mask = _at_least_one_frame(visual_emb, face_mask)
         audio_emb, audio_mask = _at_least_one_frame(audio_emb, audio_mask)
-        present = torch.stack([text_mask.any(1), audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
-        text_cls = self.text(text, text_mask)  # (B, Ht)
+        present = torch.stack([text_present, audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
         audio_cls = self.audio_seq.attend(audio_emb, audio_mask)  # (B, D)
         visual_cls = self.visual_seq.attend(visual_emb, face_mask)  # (B, D)
         return self._heads(text_cls, audio_cls, visual_cls, present)

@@ -30,8 +30,8 @@ import numpy as np
 
 from engine.backends.feature_cache import SPLIT_GRAPHS
 
-# the CNN graphs in int8 beside the fp32 head: visual_cnn.int8.onnx, audio_cnn.int8.onnx, head.onnx
-SPLIT_INT8_GRAPHS = {k: v if k == "head" else v.replace(".onnx", ".int8.onnx") for k, v in SPLIT_GRAPHS.items()}
+# the CNN graphs in int8 beside the fp32 text graph and head: visual_cnn.int8.onnx, audio_cnn.int8.onnx, text.onnx, head.onnx
+SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in ("visual", "audio") else v for k, v in SPLIT_GRAPHS.items()}
 CALIBRATION_ITEMS = 256  # frames / chunks per CNN at most
 CALIBRATION_BATCH = 32
 

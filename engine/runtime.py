@@ -215,13 +215,13 @@ def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads:
 
 
 def _split_graphs_usable(path: Path, info: dict) -> bool:
-    """Split graphs in the current format (older exports' CNN graphs stop before the projection)."""
+    """Split graphs in the current format (older exports: CNN graphs before the projection, the text encoder in the head)."""
     from engine.backends.feature_cache import SPLIT_FORMAT
 
     if not info.get("split_graphs"):
         return False
     if info.get("split_format", 1) != SPLIT_FORMAT:
-        log.warning("%s: split graphs of an older export; the CNN output cache is off until it is exported again", path)
+        log.warning("%s: split graphs of an older export; the feature cache is off until it is exported again", path)
         return False
     return True
 

@@ -45,6 +45,14 @@ class TimedText:
 Transcribe = Callable[[np.ndarray], Sequence[SegmentLike]]
 
 
+def text_between(segments: Sequence[SegmentLike], start: float, end: float) -> str:
+    """A window's transcript: the text of the segments whose midpoint lies in [start, end),
+    in order. Neighbouring windows mostly get the same text (a segment's midpoint is in
+    window_s / hop_s of them), which the engine's text cache relies on."""
+    parts = [s.text.strip() for s in segments if start <= (s.start + s.end) / 2 < end]
+    return " ".join(parts).strip()
+
+
 def load_transcriber(model_name: str, compute_type: str) -> Transcribe | None:
     """faster-whisper through stream.asr, shared by all sources; None when model is "off"."""
     if model_name.lower() in ("", "off", "none"):
@@ -109,8 +117,7 @@ class SpeechTracker:
 
     def text_between(self, start: float, end: float) -> str:
         with self._lock:
-            parts = [s.text.strip() for s in self._committed if start <= (s.start + s.end) / 2 < end]
-        return " ".join(parts).strip()
+            return text_between(self._committed, start, end)
 
     def _pending_s(self) -> float:
         return self._pending.size / self.sample_rate

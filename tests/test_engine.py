@@ -109,8 +109,9 @@ def test_backend_matches_pytorch(engines, name, backend):
 
 
 def test_cached_backend_matches_pytorch(engines):
-    """Dense engine with its CNN outputs cached: same outputs as the model, on first
-    sight (misses) and on the second call with the same inputs (every real frame hits)."""
+    """Dense engine with its CNN and text outputs cached: same outputs as the model, on
+    first sight (misses) and on the second call with the same inputs (every real frame,
+    chunk and transcript hits)."""
     model, folder = engines["mme2e"]
     engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
     assert engine.backend_name == "onnx-cached"
@@ -121,7 +122,8 @@ def test_cached_backend_matches_pytorch(engines):
         _assert_close(engine.run(batch), want)
         _assert_close(engine.run(batch), want)
         after = engine.backend.stats()
-        real = {"visual": int(batch.face_mask.sum()), "audio": int(batch.audio_mask.sum())}
+        real = {"visual": int(batch.face_mask.sum()), "audio": int(batch.audio_mask.sum()),
+                "text": int(batch.text_mask.any(1).sum())}
         for modality, n in real.items():
             assert after[modality]["hits"] - before[modality]["hits"] == n  # second call only
             assert after[modality]["rows"] <= 64
@@ -148,6 +150,30 @@ def test_cached_backend_reuses_frames_of_overlapping_windows(engines):
     assert all(after[m]["misses"] - before[m]["misses"] == 7 for m in ("visual", "audio"))
 
 
+def test_cached_backend_computes_a_transcript_once(engines):
+    """Windows with the same transcript (as neighbours in a stream, stream/speech.py) share
+    the text encoder's output, whatever their batch row and padding; another transcript
+    or a window without one does not hit."""
+    model, folder = engines["mme2e"]
+    engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
+    first = random_batch(model.dims, 2, 3, 3, 4, seed=11, absent=False)
+    first.text_mask[0] = torch.tensor([True, True, True, False])
+    engine.run(first)
+    second = random_batch(model.dims, 3, 3, 3, 7, seed=12, absent=False)
+    second.text[2, :3], second.text_mask[2] = first.text[0, :3], torch.arange(7) < 3  # window 0's words, more padding
+    second.text[0, :3], second.text_mask[0] = first.text[0, :3], torch.arange(7) < 3  # twice in one batch
+    second.text_mask[1] = False  # no transcript
+    before = engine.backend.stats()["text"]
+    _assert_close(engine.run(second), _reference(model, second))
+    after = engine.backend.stats()["text"]
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (2, 0)
+    second.text[2, 1] = (second.text[2, 1] + 1) % model.dims.text_vocab  # one word changed
+    before = engine.backend.stats()["text"]
+    _assert_close(engine.run(second), _reference(model, second))
+    after = engine.backend.stats()["text"]
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 1)
+
+
 def test_cached_backend_shares_nothing_between_sources(engines):
     """The same frames under another source name (a file replayed as a second stream)
     are computed again; under the first name they hit."""
@@ -171,15 +197,17 @@ def test_feature_cache_needs_the_dense_split_graphs(engines):
 
 
 def test_split_graphs_of_an_older_format_are_not_used(engines, tmp_path):
-    """Split graphs exported before the projection moved into the CNN graphs would feed
-    the head rows of the wrong width: such a folder serves with its whole graph."""
+    """Split graphs of an older export (the projection outside the CNN graphs, the text
+    encoder inside the head) do not fit the cached backend: such a folder serves with its
+    whole graph."""
     _, folder = engines["mme2e"]
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     info = json.loads((old / "engine.json").read_text())
-    del info["split_format"]
-    (old / "engine.json").write_text(json.dumps(info))
-    assert Engine.load(old, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx"
+    for older in (None, 2):
+        info["split_format"] = older
+        (old / "engine.json").write_text(json.dumps(info))
+        assert Engine.load(old, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx"
     assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx-cached"
 
 
@@ -391,3 +419,54 @@ def test_bench_replaces_only_its_own_section_in_place():
     assert once == doc.replace("old rows", "new rows")
     assert replace_section(once, "## Engine", ["## Engine", "", "new rows"]) == once  # idempotent, notes kept
     assert replace_section("# Benchmarks\n", "## Engine", ["## Engine"]).endswith("\n\n## Engine\n")
+
+
+def test_bench_stream_transcripts_follow_the_stream_rule():
+    """The bench's windows get the transcript the stream would give them (the segments
+    whose midpoint they hold), so neighbours share it as in a stream; no two segments
+    are alike, so a long measurement cannot hit the text cache with an earlier one."""
+    from engine.bench import HOP_S, WINDOW_S, Stream, speech_segments
+    from stream.speech import text_between
+
+    stream = Stream.make(FeatureParams(), None, pool_s=40.0)
+    segments = speech_segments(200.0)
+    assert len({s.text for s in segments}) == len(segments)
+    assert all(a.end == b.start and 2.0 < a.end - a.start < 5.0 for a, b in zip(segments, segments[1:]))
+    texts = [stream.window(w)[2] for w in range(150)]  # past the pool: segments are extended
+    assert texts == [text_between(segments, w * HOP_S, w * HOP_S + WINDOW_S) for w in range(150)]
+    same = sum(a == b for a, b in zip(texts, texts[1:]))
+    assert 0.4 < same / (len(texts) - 1) < 0.8  # ~3.3 s segments, 1 s hop
+    assert all(len(t.split()) >= 10 for t in texts if t)
+
+
+def test_bench_measurements_share_no_cached_rows(engines):
+    """Two measurements over the same stream windows: the second computes exactly as much
+    as the first (nothing reused from it), and both reuse within themselves."""
+    from engine.bench import Stream, bench_window
+
+    _, folder = engines["mme2e"]
+    engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=4096)
+    stream = Stream.make(engine.feature_params, None, pool_s=30.0)
+    counts = []
+    for _ in range(2):
+        before = engine.backend.stats()
+        bench_window(engine, stream, 2, 3)
+        after = engine.backend.stats()
+        counts.append({m: (after[m]["misses"] - before[m]["misses"], after[m]["hits"] - before[m]["hits"]) for m in after})
+    assert counts[0] == counts[1]
+    assert all(misses > 0 and hits > 0 for misses, hits in counts[0].values()), counts
+
+
+def test_bench_json_rows(engines, capsys):
+    """`mmid bench --json`: the rows issue 5 names, for each backend and scope."""
+    from engine.cli import main as mmid
+
+    folders = [str(engines[name][1]) for name in ("mme2e", "mme2e_sparse")]
+    assert mmid(["bench", "--engine", *folders, "--json", "--batches", "1,2", "--iters", "2", "--no-write",
+                 "--backends", "onnx,onnx-cached"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {(r["model"], r["backend"], r["scope"], r["batch"]) for r in rows} == {
+        (m, "onnx", s, b) for m in ("mme2e", "mme2e_sparse") for s in ("model", "window") for b in (1, 2)
+    } | {("mme2e", "onnx-cached", "window", b) for b in (1, 2)}
+    for r in rows:
+        assert r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"] and r["windows_per_s"] > 0
