@@ -12,7 +12,9 @@ Two scopes, on identical inputs for every backend:
   log-mel chunks, tokenisation, collate and the forward. What overlapping windows
   share is not recomputed: each sampled frame's face is found and cropped once and
   its crop is cached (with 500 ms frames, 2 of a window's 6 frames are new); the
-  new frames of a batch of windows go to the tracker in one call. Speech is a
+  new frames of a batch of windows go to the tracker in one call, in a helper
+  thread while the audio and text features are computed (as the stream does,
+  ``Engine.identify_overlapped``). Speech is a
   run of back-to-back segments (a sentence's words at 4 words/s, ~3.3 s each,
   no two alike) and each window's transcript is the segments whose midpoint it
   holds, the stream's rule (stream/speech.py ``text_between``), so neighbouring
@@ -358,8 +360,10 @@ def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: floa
 
 
 def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0) -> dict:
-    """Whole windows in stream order: new frames' faces (tracked or detected, cached), features,
-    collate, forward."""
+    """Whole windows in stream order, as the stream identifies them
+    (``Engine.identify_overlapped``): new frames' faces (tracked or detected, cached) in a
+    helper thread while log-mels, tokens (and the cached backend's audio and text rows)
+    are computed, then the forward and the answers."""
     params = engine.feature_params
     cache = FaceCache(stream, params, engine.backend.device, redetect_s)
     cache.get(stream.window(0)[0])  # steady state: the first window's earlier frames are already seen
@@ -368,13 +372,14 @@ def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: flo
 
     def step():
         spans = [stream.window(state["w"] + k) for k in range(batch)]
-        cache.detect(i for frames, *_ in spans for i in frames)  # the batch's new frames in one call
-        windows = []
-        for frames, audio, text, offset in spans:
-            crops, found = cache.get(frames)
-            windows.append((crops, found, audio, text, offset))
         state["w"] += batch
-        engine.backend.run(engine.collate_raw(windows, [source] * batch))
+
+        def find_faces():  # in the engine's helper thread, as in the stream
+            cache.detect(i for frames, *_ in spans for i in frames)  # the batch's new frames in one call
+            return [cache.get(frames) for frames, *_ in spans]
+
+        engine.identify_overlapped([(audio, text, offset) for _, audio, text, offset in spans], find_faces,
+                                   [source] * batch)
 
     with PeakMemory(engine.backend.device) as mem:
         times = time_calls(step, iters, engine.backend.device, warmup=1)

@@ -383,6 +383,17 @@ def _pad(tensors: list[torch.Tensor], fill: float | int) -> tuple[torch.Tensor, 
     return out, mask
 
 
+def face_batch(crops: Sequence[np.ndarray], found: Sequence[np.ndarray], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window crops uint8 (F_i, S, S, 3) and face_found (F_i,) -> the Batch's faces
+    (B, F, 3, S, S) and face_mask (B, F), exactly as ``make_sample`` + ``collate`` make them."""
+    p = as_params(cfg)
+    tensors = []
+    for c, f in zip(crops, found):
+        c = np.asarray(c, dtype=np.uint8).reshape(-1, p.face_size, p.face_size, 3)
+        tensors.append(face_tensor(c[select_frames(len(c), np.asarray(f, dtype=bool), p)], p))
+    return _pad(tensors, 0.0)
+
+
 def collate(samples: Sequence[Sample]) -> Batch:
     """Pad a list of Samples to the batch maximum of each modality."""
     if not samples:

@@ -3,6 +3,7 @@
     engine = Engine.load("ENGINE")               # backend="auto": tensorrt > torch-cuda > onnx > torch
     ids = engine.identify(batch)                 # batch: engine.features.Batch
     ids = engine.identify_raw([(crops, found, audio, text), ...])
+    ids = engine.identify_overlapped([(audio, text, offset), ...], find_faces)   # faces found meanwhile
 
 An engine folder (``mmid export``) holds ``engine.json`` (dims, person map,
 feature parameters, backend, sparse budget, FLOPs, versions), ``tokenizer.json``,
@@ -13,8 +14,11 @@ serves through the torch backend. Nothing here imports ``training``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +27,8 @@ import numpy as np
 
 from engine.backends import BACKENDS, Backend
 from engine.dims import ModelDims
-from engine.features import Batch, FeatureParams, Tokenizer, collate, grid_mel_chunks, make_sample, mel_chunks_batch
+from engine.features import (Batch, FeatureParams, Tokenizer, collate, face_batch, grid_mel_chunks, make_sample,
+                             mel_chunks_batch)
 
 log = logging.getLogger("mmid.engine")
 
@@ -80,6 +85,7 @@ class Engine:
         self.feature_params = feature_params
         self.tokenizer = tokenizer
         self.info = dict(info or {})
+        self._helper: ThreadPoolExecutor | None = None  # identify_overlapped's face thread, made on first use
 
     @property
     def backend_name(self) -> str:
@@ -132,6 +138,33 @@ class Engine:
         outputs only between windows of the same source (a file replayed as two sources
         shares nothing)."""
         return self.identify(self.collate_raw(windows, sources))
+
+    def identify_overlapped(self, windows: Sequence[tuple], find_faces: Callable[[], Sequence[tuple]],
+                            sources: Sequence[str] | None = None) -> list[Identification]:
+        """``identify_raw`` for windows given without their faces, [(audio, transcript[,
+        audio_offset]), ...], with ``find_faces()`` -> [(crops, face_found), ...] (one per
+        window, as ``identify_raw`` takes them) running in a helper thread meanwhile. This
+        thread computes the log-mels and tokens and, where the backend can
+        (``prefetch``: the cached ONNX backend), the audio CNN and text encoder rows,
+        which the forward then finds in its cache; face search and tracking are mostly
+        small operations that leave the second core idle. Same answers as
+        ``identify_raw`` (tested)."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="faces")
+        pending = self._helper.submit(find_faces)
+        try:
+            size = self.feature_params.face_size
+            blank = (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool))
+            batch = self.collate_raw([(*blank, *w) for w in windows], sources)
+            prefetch = getattr(self.backend, "prefetch", None)
+            if prefetch is not None:
+                prefetch(batch)
+        finally:
+            faces = pending.result()  # the face thread's error, if any, is raised here
+        if len(faces) != len(windows):
+            raise ValueError(f"find_faces gave {len(faces)} windows' faces for {len(windows)} windows")
+        tensors, mask = face_batch([f[0] for f in faces], [f[1] for f in faces], self.feature_params)
+        return self.identify(dataclasses.replace(batch, faces=tensors, face_mask=mask))
 
     def collate_raw(self, windows: Sequence[tuple], sources: Sequence[str] | None = None) -> Batch:
         """Raw windows (as ``identify_raw``) -> one Batch (``ids`` = ``sources``); the log-mels

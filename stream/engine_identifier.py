@@ -4,7 +4,8 @@
     results = identifier.identify(windows)                    # one WindowResult per window
 
 Per call, every window handed over (from any sources) goes through the shared
-feature code and one ``engine.identify_raw`` batch:
+feature code and one ``engine.identify_overlapped`` batch (faces are found in a
+helper thread while the audio and text features are computed):
 
 - faces: the window's sampled frames (one every ``feature_params.img_interval_ms``:
   `mmid stream` sets the pipeline's sampling to it through
@@ -137,9 +138,14 @@ class EngineIdentifier:
     def identify(self, windows: list[Window]) -> list[WindowResult]:
         if not windows:
             return []
-        faces = self._faces(windows)
-        raw = [(crops, found, w.audio, w.transcript, w.audio_offset) for w, (crops, found, _) in zip(windows, faces)]
-        answers = self.engine.identify_raw(raw, [w.stream_id for w in windows])
+        faces: list[tuple[np.ndarray, np.ndarray, tuple | None]] = []
+
+        def find_faces() -> list[tuple[np.ndarray, np.ndarray]]:  # in the engine's helper thread
+            faces.extend(self._faces(windows))
+            return [(crops, found) for crops, found, _ in faces]
+
+        answers = self.engine.identify_overlapped([(w.audio, w.transcript, w.audio_offset) for w in windows],
+                                                  find_faces, [w.stream_id for w in windows])
         return [self._result(a, box) for a, (_, _, box) in zip(answers, faces)]
 
     # -- faces ------------------------------------------------------------------

@@ -309,6 +309,56 @@ def test_identify_raw(engines):
     np.testing.assert_allclose(ids[1].probabilities, 1 / N_PERSONS, atol=1e-6)
 
 
+@pytest.mark.parametrize("cache", [0, 64])
+def test_identify_overlapped_gives_identify_raw_answers(engines, cache):
+    """Faces found in the helper thread while the audio and text features are computed
+    (the cached backend's rows prefetched): the same answers as identify_raw, the
+    prefetched rows hit in the forward, and an error in the face thread reaches the caller."""
+    _, folder = engines["mme2e"]
+    engine = Engine.load(folder, "onnx", feature_cache=cache)
+    rng = np.random.default_rng(1)
+    crops = rng.integers(0, 255, (4, 6, 48, 48, 3), dtype=np.uint8)
+    found = [np.array([1, 1, 0, 1, 1, 1], bool), np.zeros(6, bool), np.ones(6, bool), np.ones(6, bool)]
+    audio = [rng.standard_normal(48000).astype(np.float32) * 0.1 for _ in range(4)]
+    texts = ["i told you already", "", "we should call them", "i told you already"]
+    def misses(run):  # -> answers, CNN/text rows computed per modality (the cache emptied first)
+        if not cache:
+            return run(), None
+        engine.backend.clear()
+        before = engine.backend.stats()
+        answers = run()
+        return answers, {m: engine.backend.stats()[m]["misses"] - before[m]["misses"] for m in before}
+
+    want, computed = misses(lambda: engine.identify_raw(
+        [(c, f, a, t, 16000 * k) for k, (c, f, a, t) in enumerate(zip(crops, found, audio, texts))], ["cam"] * 4))
+    got, computed_overlapped = misses(lambda: engine.identify_overlapped(
+        [(a, t, 16000 * k) for k, (a, t) in enumerate(zip(audio, texts))], lambda: list(zip(crops, found)), ["cam"] * 4))
+    for a, b in zip(want, got):
+        assert a.person == b.person and a.present == b.present
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
+        np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
+    assert computed == computed_overlapped  # prefetched rows are not computed again in the forward
+    if cache:
+        assert computed["text"] == 2  # two distinct transcripts
+        batch = engine.collate_raw([(c, f, a, t, 16000 * k) for k, (c, f, a, t) in enumerate(zip(crops, found, audio, texts))],
+                                   ["cam"] * 4)
+        engine.backend.clear()
+        counts = []
+        for call in (lambda: None, lambda: engine.backend.prefetch(batch), lambda: engine.backend.run(batch)):
+            call()
+            counts.append({m: v["misses"] for m, v in engine.backend.stats().items()})
+        start, fetched, ran = counts
+        assert fetched["audio"] > start["audio"] and fetched["text"] == start["text"] + 2
+        assert fetched["visual"] == start["visual"]  # the prefetch needs no faces
+        assert (ran["audio"], ran["text"]) == (fetched["audio"], fetched["text"]) and ran["visual"] > fetched["visual"]
+
+    def broken():
+        raise RuntimeError("camera frame unreadable")
+
+    with pytest.raises(RuntimeError, match="camera frame unreadable"):
+        engine.identify_overlapped([(audio[0], texts[0], 0)], broken)
+
+
 def test_run_folder_serves_with_torch(tmp_path, tokenizer_file):
     model = _model("mme2e", 3)
     save_checkpoint(tmp_path, model, RunMeta(model.dims, tuple("abcd"), FeatureParams()), tokenizer_file)

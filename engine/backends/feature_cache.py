@@ -242,6 +242,15 @@ class CachedOnnxBackend:
         }
         return outputs_dict(self.sessions["head"].run(list(GRAPH_OUTPUT_NAMES), feeds))
 
+    def prefetch(self, batch) -> None:
+        """Compute and cache the batch's audio CNN and text encoder rows now (its faces may
+        be missing), so that ``run`` on the same windows finds them."""
+        x = numpy_inputs(batch)
+        B = x["audio_mask"].shape[0]
+        scopes = list(batch.ids) if len(batch.ids) == B else [""] * B
+        self._features("audio", x["audio"], x["audio_mask"], scopes)
+        self._text(x["text"], x["text_mask"], scopes)
+
     def clear(self) -> None:
         """Forget every cached row (the hit and miss counts stay)."""
         for cache in self.caches.values():
