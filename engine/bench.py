@@ -545,14 +545,18 @@ def write_markdown(rows: list[dict], path: Path) -> None:
              f"`mmid bench` on {time.strftime('%Y-%m-%d %H:%M')}: {machine()}; "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
              "Window scope = 3 s windows every 1 s of one stream (corpus video frames 500 ms apart when --corpus is "
-             "given): faces on each sampled frame once, as the stream finds them (O-Net follows the previous frame's "
-             "face; the batched MTCNN cascade on the first frame, after a lost track and every "
-             "[stream] face_redetect_s), crops cached across windows (2 new of 6 frames per window; a batch's new "
-             "frames in one call), log-mel chunks on the stream's 0.4 s grid (6-7 per window) + tokenisation per "
-             "window, forward per window. onnx-cached: the dense model's per-frame and per-chunk CNN outputs "
-             "(projected) computed once and reused by the later windows that hold them (GFLOPs/window stays the "
-             "whole window's count); onnx-cached-int8: the same with static int8 CNN graphs; onnx-int8: the whole "
-             "graph with dynamic int8 MatMul/Gemm. Model scope = forward only.", "",
+             "given), identified as the stream does (Engine.identify_overlapped): faces on each sampled frame once, as "
+             "the stream finds them (O-Net follows the previous frame's face; the batched MTCNN cascade on the first "
+             "frame, after a lost track and every [stream] face_redetect_s), crops cached across windows (2 new of 6 "
+             "frames per window; a batch's new frames in one call, in a helper thread while the audio and text "
+             "features are computed), log-mel chunks on the stream's 0.4 s grid (6-7 per window) + tokenisation per "
+             "window, forward per window. Transcripts: back-to-back speech segments (~13 words, ~3.3 s, no two alike), "
+             "each window holding those whose midpoint it holds (the stream's rule), so neighbours mostly share "
+             "one. onnx-cached: the dense model's per-frame and per-chunk CNN outputs (projected) and per-transcript "
+             "text CLS computed once and reused by the later windows that hold them (GFLOPs/window stays the whole "
+             "window's count); onnx-cached-int8: the same with static int8 CNN graphs; onnx-int8: the whole graph "
+             "with dynamic int8 MatMul/Gemm. Every row starts with an empty cache (a source name of its own). Model "
+             "scope = forward only.", "",
              "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | sparse budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
