@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import re
 import wave
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -164,7 +165,16 @@ def mel_chunks(audio: np.ndarray | torch.Tensor, params: Any = None) -> torch.Te
     return _chunk(log_mel(audio, p)[None], p)[0]
 
 
-def grid_mel_chunks(audio: np.ndarray, offset: int, params: Any = None) -> torch.Tensor:
+class ChunkCache(Protocol):
+    """Where ``grid_mel_chunks`` may keep chunks between windows (an LRU map)."""
+
+    def get(self, key: bytes) -> Any: ...
+
+    def put(self, key: bytes, value: Any) -> None: ...
+
+
+def grid_mel_chunks(audio: np.ndarray, offset: int, params: Any = None, cache: ChunkCache | None = None,
+                    scope: str = "") -> torch.Tensor:
     """Log-mel chunks of a stream window on the stream's chunk grid -> (C, 1, n_mels, chunk_frames).
 
     ``audio`` float32 mono holds stream samples ``offset`` .. ``offset + len(audio)``
@@ -175,7 +185,10 @@ def grid_mel_chunks(audio: np.ndarray, offset: int, params: Any = None) -> torch
     holds that context): its frames equal those of one centred spectrogram over the
     whole stream, as training's utterance spectrograms are, and a chunk comes out
     bit-identical in every window that holds it (what the engine's feature cache
-    keys on). A 3 s window holds 6 or 7 chunks, at most max_chunks."""
+    keys on). A 3 s window holds 6 or 7 chunks, at most max_chunks. With a ``cache``, a
+    chunk whose samples were seen before within ``scope`` (a digest of both; the engine
+    passes the window's source) is taken from it instead of being computed again: the
+    same bits, as the chunk is a function of those samples alone."""
     p = as_params(params) if params is not None else FeatureParams()
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     grid, ctx = p.chunk_frames * p.hop_length, p.n_fft // 2
@@ -187,9 +200,17 @@ def grid_mel_chunks(audio: np.ndarray, offset: int, params: Any = None) -> torch
     chunks = []
     with torch.no_grad():
         for start in starts:  # one call per chunk: same shapes, so the same bits wherever the chunk sits
-            segment = torch.from_numpy(audio[start - ctx - offset: start + grid + ctx - offset])
-            chunks.append(transform(segment)[:, : p.chunk_frames])  # (n_mels, chunk_frames)
-    return torch.log(torch.stack(chunks) + LOG_EPS)[:, None]  # (C, 1, n_mels, chunk_frames)
+            samples = audio[start - ctx - offset: start + grid + ctx - offset]
+            key = b""
+            if cache is not None:
+                key = hashlib.blake2b(scope.encode() + b"\0" + samples.tobytes(), digest_size=16).digest()
+            chunk = cache.get(key) if cache is not None else None
+            if chunk is None:
+                chunk = torch.log(transform(torch.from_numpy(samples))[:, : p.chunk_frames] + LOG_EPS)  # (n_mels, cf)
+                if cache is not None:
+                    cache.put(key, chunk)
+            chunks.append(chunk)
+    return torch.stack(chunks)[:, None]  # (C, 1, n_mels, chunk_frames)
 
 
 def mel_chunks_batch(audios: Sequence[np.ndarray], params: Any = None, device: str = "cpu") -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.backends import BACKENDS, Backend
+from engine.backends.feature_cache import FeatureCache
 from engine.dims import ModelDims
 from engine.features import (Batch, FeatureParams, Tokenizer, collate, face_batch, grid_mel_chunks, make_sample,
                              mel_chunks_batch)
@@ -35,6 +36,7 @@ log = logging.getLogger("mmid.engine")
 ENGINE_FILE = "engine.json"
 ENGINE_FORMAT_VERSION = 1
 MODALITIES = ("text", "audio", "visual")
+MEL_CHUNK_CACHE = 512  # grid log-mel chunks kept (16 KB each): ~3 min of one stream's audio
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.info = dict(info or {})
         self._helper: ThreadPoolExecutor | None = None  # identify_overlapped's face thread, made on first use
+        self._chunks = FeatureCache(MEL_CHUNK_CACHE)  # grid log-mel chunks, shared by overlapping windows
 
     @property
     def backend_name(self) -> str:
@@ -174,10 +177,10 @@ class Engine:
         chunks: list[Any] = [None] * len(windows)
         for i, c in zip(plain, mel_chunks_batch([windows[i][2] for i in plain], self.feature_params, self.backend.device)):
             chunks[i] = c
+        names = list(sources) if sources is not None else [""] * len(windows)
         for i, o in enumerate(offsets):
             if o is not None:
-                chunks[i] = grid_mel_chunks(windows[i][2], o, self.feature_params)
-        names = list(sources) if sources is not None else [""] * len(windows)
+                chunks[i] = grid_mel_chunks(windows[i][2], o, self.feature_params, self._chunks, names[i])
         samples = [make_sample(w[0], w[1], w[2], w[3], self.tokenizer, self.feature_params, id=name, audio_chunks=c)
                    for w, c, name in zip(windows, chunks, names)]
         return collate(samples)

@@ -194,3 +194,32 @@ def test_grid_chunks_are_slices_of_the_stream_spectrogram():
     shared = {x.numpy().tobytes() for x in a} & {x.numpy().tobytes() for x in b}
     assert len(shared) == 3  # the chunks starting at samples 38400, 44800 and 51200
     assert grid_mel_chunks(stream[:6000], 0).shape == (0, 1, 128, 32)  # too short for one chunk with context
+
+
+def test_grid_chunks_from_the_cache_are_the_same_bits():
+    """With a cache, overlapping windows take the chunks they share from it (within one
+    scope, the engine's source) and the result is bit-identical to computing them."""
+    from engine.backends.feature_cache import FeatureCache
+    from engine.features import grid_mel_chunks
+
+    stream = _noise(10.0)
+    cache = FeatureCache(64)
+    calls = {"get": 0, "hit": 0}
+    get = cache.get
+
+    def counting_get(key):
+        calls["get"] += 1
+        row = get(key)
+        calls["hit"] += row is not None
+        return row
+
+    cache.get = counting_get
+    for start in (16000, 32000, 48000):
+        plain = grid_mel_chunks(stream[start:start + 48000], start)
+        cached = grid_mel_chunks(stream[start:start + 48000], start, cache=cache, scope="cam1")
+        assert torch.equal(plain, cached)
+    # 6 chunks a window (first grid start after 200 samples of context: 19200, 38400, 51200);
+    # the second shares 38400-51200 with the first, the third 51200-70400 with those before
+    assert calls == {"get": 6 + 6 + 6, "hit": 0 + 3 + 4}
+    grid_mel_chunks(stream[48000:96000], 48000, cache=cache, scope="cam2")  # another source: nothing shared
+    assert calls["hit"] == 7
