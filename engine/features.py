@@ -382,10 +382,8 @@ def make_sample(
     audio_chunks: ``mel_chunks(audio)`` when already computed (``mel_chunks_batch``).
     """
     p = as_params(cfg)
-    crops = np.asarray(crops, dtype=np.uint8).reshape(-1, p.face_size, p.face_size, 3)
-    keep = select_frames(len(crops), np.asarray(face_found, dtype=bool), p)
     return Sample(
-        faces=face_tensor(crops[keep], p),
+        faces=face_input(crops, face_found, p),
         audio=mel_chunks(audio, p) if audio_chunks is None else audio_chunks,
         text=tokenizer.encode(text),
         id=id,
@@ -404,15 +402,18 @@ def _pad(tensors: list[torch.Tensor], fill: float | int) -> tuple[torch.Tensor, 
     return out, mask
 
 
+def face_input(crops: np.ndarray, face_found: Sequence[bool] | np.ndarray, params: FeatureParams) -> torch.Tensor:
+    """One window's crops uint8 (F, S, S, 3) and face_found (F,) -> its visual input
+    float32 (F', 3, S, S): the frames ``select_frames`` keeps, normalised."""
+    crops = np.asarray(crops, dtype=np.uint8).reshape(-1, params.face_size, params.face_size, 3)
+    return face_tensor(crops[select_frames(len(crops), np.asarray(face_found, dtype=bool), params)], params)
+
+
 def face_batch(crops: Sequence[np.ndarray], found: Sequence[np.ndarray], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Per window crops uint8 (F_i, S, S, 3) and face_found (F_i,) -> the Batch's faces
     (B, F, 3, S, S) and face_mask (B, F), exactly as ``make_sample`` + ``collate`` make them."""
     p = as_params(cfg)
-    tensors = []
-    for c, f in zip(crops, found):
-        c = np.asarray(c, dtype=np.uint8).reshape(-1, p.face_size, p.face_size, 3)
-        tensors.append(face_tensor(c[select_frames(len(c), np.asarray(f, dtype=bool), p)], p))
-    return _pad(tensors, 0.0)
+    return _pad([face_input(c, f, p) for c, f in zip(crops, found)], 0.0)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

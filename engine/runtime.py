@@ -77,7 +77,8 @@ def identifications(out: dict[str, np.ndarray], persons: Sequence[str]) -> list[
 
 
 class Engine:
-    """A loaded model behind one backend, with its person map, features and tokenizer."""
+    """A loaded model behind one backend, with its person map, features and tokenizer.
+    One caller at a time: its caches (CNN and text rows, log-mel chunks) are not locked."""
 
     def __init__(self, backend: Backend, dims: ModelDims, persons: Sequence[str], feature_params: FeatureParams,
                  tokenizer: Tokenizer, info: dict[str, Any] | None = None):
@@ -146,9 +147,9 @@ class Engine:
                             sources: Sequence[str] | None = None) -> list[Identification]:
         """``identify_raw`` for windows given without their faces, [(audio, transcript[,
         audio_offset]), ...], with ``find_faces()`` -> [(crops, face_found), ...] (one per
-        window, as ``identify_raw`` takes them) running in a helper thread meanwhile. This
-        thread computes the log-mels and tokens and, where the backend can
-        (``prefetch``: the cached ONNX backend), the audio CNN and text encoder rows,
+        window, as ``identify_raw`` takes them) running in a helper thread meanwhile,
+        while the calling thread computes the log-mels and tokens and, where the backend
+        can (``prefetch``: the cached ONNX backend), the audio CNN and text encoder rows,
         which the forward then finds in its cache; face search and tracking are mostly
         small operations that leave the second core idle. Same answers as
         ``identify_raw`` (tested)."""
