@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
