@@ -150,7 +150,7 @@ class Engine:
         window, as ``identify_raw`` takes them) running in a helper thread meanwhile,
         while the calling thread computes the log-mels and tokens and, where the backend
         can (``prefetch``: the cached ONNX backend), the audio CNN and text encoder rows,
-        which the forward then finds in its cache; face search and tracking are mostly
+        which the forward then takes as they are; face search and tracking are mostly
         small operations that leave the second core idle. Same answers as
         ``identify_raw`` (tested)."""
         if self._helper is None:
@@ -161,14 +161,15 @@ class Engine:
             blank = (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool))
             batch = self.collate_raw([(*blank, *w) for w in windows], sources)
             prefetch = getattr(self.backend, "prefetch", None)
-            if prefetch is not None:
-                prefetch(batch)
+            prefetched = prefetch(batch) if prefetch is not None else None
         finally:
             faces = pending.result()  # the face thread's error, if any, is raised here
         if len(faces) != len(windows):
             raise ValueError(f"find_faces gave {len(faces)} windows' faces for {len(windows)} windows")
         tensors, mask = face_batch([f[0] for f in faces], [f[1] for f in faces], self.feature_params)
-        return self.identify(dataclasses.replace(batch, faces=tensors, face_mask=mask))
+        batch = dataclasses.replace(batch, faces=tensors, face_mask=mask)
+        out = self.backend.run(batch) if prefetched is None else self.backend.run(batch, prefetched)
+        return identifications(out, self.persons)
 
     def collate_raw(self, windows: Sequence[tuple], sources: Sequence[str] | None = None) -> Batch:
         """Raw windows (as ``identify_raw``) -> one Batch (``ids`` = ``sources``); the log-mels

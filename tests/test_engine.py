@@ -313,7 +313,7 @@ def test_identify_raw(engines):
 def test_identify_overlapped_gives_identify_raw_answers(engines, cache):
     """Faces found in the helper thread while the audio and text features are computed
     (the cached backend's rows prefetched): the same answers as identify_raw, the
-    prefetched rows hit in the forward, and an error in the face thread reaches the caller."""
+    prefetched rows are not computed again, and an error in the face thread reaches the caller."""
     _, folder = engines["mme2e"]
     engine = Engine.load(folder, "onnx", feature_cache=cache)
     rng = np.random.default_rng(1)

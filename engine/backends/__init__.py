@@ -16,7 +16,7 @@ the exporter already uses ``embedding`` for a node of the text encoder.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -41,9 +41,11 @@ class Backend(Protocol):
         ...
 
 
-def numpy_inputs(batch) -> dict[str, np.ndarray]:
-    """The Batch's six tensors as contiguous numpy arrays keyed by graph input name."""
-    return {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(INPUT_NAMES, batch.model_inputs())}
+def numpy_inputs(batch, names: Sequence[str] = INPUT_NAMES) -> dict[str, np.ndarray]:
+    """The Batch's six tensors (or those of ``names``) as contiguous numpy arrays keyed by
+    graph input name."""
+    return {name: np.ascontiguousarray(t.detach().cpu().numpy())
+            for name, t in zip(INPUT_NAMES, batch.model_inputs()) if name in names}
 
 
 def outputs_dict(values) -> dict[str, np.ndarray]:

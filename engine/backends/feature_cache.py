@@ -146,6 +146,11 @@ class FeatureCache:
             self.rows.popitem(last=False)
 
 
+def _scopes(batch, n: int) -> list[str]:
+    """The cache scope of each of a batch's n windows: its id (source), "" when it has none."""
+    return list(batch.ids) if len(batch.ids) == n else [""] * n
+
+
 def digest(item: np.ndarray, scope: str = "") -> bytes:
     """16-byte digest of one frame's or chunk's input tensor (its shape is fixed by the
     graph) within ``scope``."""
@@ -226,30 +231,30 @@ class CachedOnnxBackend:
 
         rows = self._run_new("text", keys, inputs)
         width = self.sessions["text"].get_outputs()[0].shape[1]
-        cls = np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows]) if rows else \
-            np.zeros((0, width), np.float32)
-        return cls, present
+        return np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows]), present
 
-    def run(self, batch) -> dict[str, np.ndarray]:
-        x = numpy_inputs(batch)
-        B = x["face_mask"].shape[0]
-        scopes = list(batch.ids) if len(batch.ids) == B else [""] * B
+    def _audio_and_text(self, batch) -> dict[str, np.ndarray]:
+        """The head's audio and text feeds of a batch (cached rows, new ones computed)."""
+        x = numpy_inputs(batch, ("audio", "audio_mask", "text", "text_mask"))
+        scopes = _scopes(batch, x["audio_mask"].shape[0])
         text_cls, text_present = self._text(x["text"], x["text_mask"], scopes)
+        return {"audio_feats": self._features("audio", x["audio"], x["audio_mask"], scopes), "audio_mask": x["audio_mask"],
+                "text_cls": text_cls, "text_present": text_present}
+
+    def run(self, batch, prefetched: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Batch -> outputs; ``prefetched``: what ``prefetch`` returned for the same windows."""
+        x = numpy_inputs(batch, ("faces", "face_mask"))
+        faces, face_mask = x["faces"], x["face_mask"]
         feeds = {
-            "visual_feats": self._features("visual", x["faces"], x["face_mask"], scopes), "face_mask": x["face_mask"],
-            "audio_feats": self._features("audio", x["audio"], x["audio_mask"], scopes), "audio_mask": x["audio_mask"],
-            "text_cls": text_cls, "text_present": text_present,
+            "visual_feats": self._features("visual", faces, face_mask, _scopes(batch, face_mask.shape[0])),
+            "face_mask": face_mask, **(prefetched if prefetched is not None else self._audio_and_text(batch)),
         }
         return outputs_dict(self.sessions["head"].run(list(GRAPH_OUTPUT_NAMES), feeds))
 
-    def prefetch(self, batch) -> None:
-        """Compute and cache the batch's audio CNN and text encoder rows now (its faces may
-        be missing), so that ``run`` on the same windows finds them."""
-        x = numpy_inputs(batch)
-        B = x["audio_mask"].shape[0]
-        scopes = list(batch.ids) if len(batch.ids) == B else [""] * B
-        self._features("audio", x["audio"], x["audio_mask"], scopes)
-        self._text(x["text"], x["text_mask"], scopes)
+    def prefetch(self, batch) -> dict[str, np.ndarray]:
+        """The batch's audio CNN and text encoder work now (its faces may be missing):
+        -> the head's audio and text feeds, for ``run(batch, prefetched)`` on the same windows."""
+        return self._audio_and_text(batch)
 
     def clear(self) -> None:
         """Forget every cached row (the hit and miss counts stay)."""
