@@ -12,7 +12,8 @@
 # stage them in two back-to-back calls (the first copies its .gpu/*.tar.xz to /tmp/stash on
 # the machine, the second copies them back into .gpu/ before running this script). One run per line of ${CONFIGS:-benchmarks/sweep.txt}:
 # NAME MODEL [--data @WORK/FOLDER] [--set key=value ...].
-# Results go to ${OUT:-gpu-out}/: NAME.log and NAME.metrics.jsonl per run, summary.jsonl.
+# TIME_LIMIT (seconds) lets each run finish its epoch, stop and fit its fusion weights
+# before TRAIN_TIMEOUT kills it. Results go to ${OUT:-gpu-out}/: NAME.log and NAME.metrics.jsonl per run, summary.jsonl.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/sweep}
@@ -21,6 +22,8 @@ if [ -z "${DATA:-}" ]; then tar xJf .gpu/data.tar.xz -C "$WORK" && DATA=$WORK/da
 for extra_data in .gpu/data?*.tar.xz; do [ -e "$extra_data" ] && tar xJf "$extra_data" -C "$WORK"; done
 if [ -z "${TEXT:-}" ]; then tar xJf .gpu/minilm.tar.xz -C "$WORK" && TEXT=$WORK/minilm; fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+# Many runs share the machine's cores: one compute thread each unless told otherwise.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 if ! python3 -c "import tqdm" 2>/dev/null; then  # progress bars only: a pass-through stand-in
   mkdir -p "$WORK/shim" && printf 'def tqdm(iterable, *args, **kwargs):\n    return iterable\n' > "$WORK/shim/tqdm.py"
   export PYTHONPATH=$PYTHONPATH:$WORK/shim
@@ -31,9 +34,9 @@ while read -r name model extra; do
   # shellcheck disable=SC2086
   timeout "${TRAIN_TIMEOUT:-330}" python3 -m engine.cli train --data "$DATA" --model "$model" --out "$WORK/runs/$name" \
     --preset "${PRESET:-default}" --device "${DEVICE:-cuda}" --set "model.text_model=$TEXT" \
-    --set "train.epochs=${EPOCHS:-15}" --set "train.patience=${PATIENCE:-4}" --set "train.num_workers=${WORKERS:-2}" $extra \
+    --set "train.epochs=${EPOCHS:-15}" --set "train.patience=${PATIENCE:-4}" --set "train.time_limit_s=${TIME_LIMIT:-0}" --set "train.num_workers=${WORKERS:-2}" $extra \
     > "$OUT/$name.log" 2>&1 &
 done < "${CONFIGS:-benchmarks/sweep.txt}"
 wait
 for run in "$WORK"/runs/*; do cp "$run/metrics.jsonl" "$OUT/$(basename "$run").metrics.jsonl" 2>/dev/null; done
-python3 benchmarks/sweep_summary.py "$DATA" "$WORK"/runs/* | tee "$OUT/summary.jsonl"
+SUMMARY_JOBS=${SUMMARY_JOBS:-4} python3 benchmarks/sweep_summary.py "$DATA" "$WORK"/runs/* | tee "$OUT/summary.jsonl"

@@ -5,13 +5,16 @@ evaluated on the dataset it was trained on (recorded in its checkpoint), DATA wh
 none is recorded. Plots are skipped when matplotlib is missing (lent GPU machines
 may lack it).
 
-    python3 benchmarks/sweep_summary.py DATA RUN [RUN ...]
+    [SUMMARY_JOBS=N] python3 benchmarks/sweep_summary.py DATA RUN [RUN ...]
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,30 +23,39 @@ from training import evaluate  # noqa: E402
 from training.flops import count_flops  # noqa: E402
 
 
-def main(data: Path, runs: list[Path]) -> None:
+def summarise(run: Path, data: Path) -> dict | None:
+    """The JSON row of one run folder (None without a checkpoint)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         evaluate.plot_confusion = lambda *a, **k: None
         evaluate.plot_curves = lambda *a, **k: None
-    cfg = load_config(None)
+    if not (run / "model.safetensors").exists():
+        return None
+    run_data = Path(json.loads((run / "model.json").read_text()).get("extra", {}).get("data") or data)
+    ev = evaluate.evaluate_run(run, run_data, "test", load_config(None), device="auto")
+    fl = count_flops(run, run_data, "test")
+    summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
+    return {
+        "run": run.name, "data": run_data.name, "n": ev["n"], "accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
+        "alone": {k: None if v["accuracy"] is None else round(v["accuracy"], 4) for k, v in ev["per_modality"].items()},
+        "fusion": (summary.get("fusion_fit") or {}).get("weights_after"),
+        "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
+        "stopped_by": summary.get("stopped_by"), "train_seconds": summary.get("train_seconds"),
+        "feature_gflops": round(fl["feature_extraction_flops"] / 1e9, 3), "active_fraction": fl["active_fraction"],
+    }
+
+
+def main(data: Path, runs: list[Path], jobs: int) -> None:
+    # Runs are evaluated in separate processes (spawned: CUDA does not survive a fork).
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(summarise, runs, [data] * len(runs)))
     rows = {}
-    for run in runs:
-        if not (run / "model.safetensors").exists():
+    for run, row in zip(runs, results):
+        if row is None:
             print(json.dumps({"run": run.name, "error": "no checkpoint"}))
-            continue
-        run_data = Path(json.loads((run / "model.json").read_text()).get("extra", {}).get("data") or data)
-        ev = evaluate.evaluate_run(run, run_data, "test", cfg, device="auto")
-        fl = count_flops(run, run_data, "test")
-        summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
-        rows[run.name] = {
-            "run": run.name, "data": run_data.name, "n": ev["n"], "accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
-            "alone": {k: None if v["accuracy"] is None else round(v["accuracy"], 4) for k, v in ev["per_modality"].items()},
-            "fusion": (summary.get("fusion_fit") or {}).get("weights_after"),
-            "epochs_run": summary.get("epochs_run"), "best_epoch": summary.get("best_epoch"),
-            "train_seconds": summary.get("train_seconds"),
-            "feature_gflops": round(fl["feature_extraction_flops"] / 1e9, 3), "active_fraction": fl["active_fraction"],
-        }
+        else:
+            rows[run.name] = row
     dense: dict[str, float] = {}
     for name, row in rows.items():
         if name.startswith("dense"):
@@ -55,4 +67,5 @@ def main(data: Path, runs: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])
+    jobs = int(os.environ.get("SUMMARY_JOBS", "1"))
+    main(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]], jobs)

@@ -64,6 +64,7 @@ class ModelConfig:
     preset: Literal["tiny", "default", "paper"] = "default"
     text_model: str = ""
     sparse_threshold: float = 0.8
+    sparse_guide: Literal["text", "learned"] = "text"
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class TrainConfig:
     sparse_entropy_weight_audio: float = -1.0
     sparse_entropy_target: float = -1.0
     guide_dropout: float = -1.0
+    guide_shuffle: float = 0.0
     patience: int = 10
+    time_limit_s: float = 0.0
     early_stop: Literal["f1_loss", "f1"] = "f1_loss"
     ema_decay: float = -1.0
     fusion_fit: Literal["valid", "valid_full", "none"] = "valid"

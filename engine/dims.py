@@ -15,6 +15,7 @@ from typing import Any
 MODEL_NAMES = ("mme2e", "mme2e_sparse")
 PRESETS = ("tiny", "default", "paper")
 TEXT_ACTIVATIONS = ("gelu", "gelu_tanh")
+SPARSE_GUIDES = ("text", "learned")
 N_MODALITIES = 3  # text, audio, visual: the order of every per-modality axis
 
 
@@ -59,11 +60,16 @@ class ModelDims:
     # sparse model
     sparse_threshold: float = 0.8  # st: attention mass kept by the CDF rule
     sparse_budget: tuple[float, ...] = ()  # fixed budget per stage (fraction of positions); () = CDF rule
+    # What queries the sparse stages' attention: "text" (the transcript's CLS, as in the
+    # paper; a learned query when there is no transcript) or "learned" (that learned
+    # query always: site selection that does not depend on the transcript).
+    sparse_guide: str = "text"
 
     def __post_init__(self) -> None:
         _check(self.name in MODEL_NAMES, f"name={self.name!r}: expected one of {MODEL_NAMES}")
         _check(self.n_persons >= 1, f"n_persons={self.n_persons}: expected >= 1")
         _check(self.text_act in TEXT_ACTIVATIONS, f"text_act={self.text_act!r}: expected one of {TEXT_ACTIVATIONS}")
+        _check(self.sparse_guide in SPARSE_GUIDES, f"sparse_guide={self.sparse_guide!r}: expected one of {SPARSE_GUIDES}")
         _check(0.0 < self.sparse_threshold <= 1.0, f"sparse_threshold={self.sparse_threshold}: expected in (0, 1]")
         _check(len(self.stage_channels) >= 1, "stage_channels: expected at least one stage")
         _check(self.trans_dim % self.trans_heads == 0, "trans_dim must be a multiple of trans_heads")
@@ -162,7 +168,7 @@ def text_dims_from_folder(folder: str | Path) -> dict[str, Any]:
 
 
 def preset_dims(preset: str, name: str, n_persons: int, text_model: str = "", *, text_vocab: int = 0,
-                sparse_threshold: float = 0.8) -> ModelDims:
+                sparse_threshold: float = 0.8, sparse_guide: str = "text") -> ModelDims:
     """Dims of a size preset. ``text_model``: "" (the preset's own), "tiny", "minilm",
     "albert-base", or a local BERT/ALBERT folder. ``text_vocab`` overrides the
     vocabulary size (the tiny preset's tokenizer is built at training time)."""
@@ -178,4 +184,5 @@ def preset_dims(preset: str, name: str, n_persons: int, text_model: str = "", *,
     if text_vocab:
         text["text_vocab"] = text_vocab
     cnn = TINY_CNN if preset == "tiny" else PAPER_CNN
-    return ModelDims(name=name, n_persons=n_persons, sparse_threshold=sparse_threshold, **cnn, **text)
+    return ModelDims(name=name, n_persons=n_persons, sparse_threshold=sparse_threshold, sparse_guide=sparse_guide,
+                     **cnn, **text)

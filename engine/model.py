@@ -247,9 +247,11 @@ class MME2ESparse(_MME2EBase):
         self.null_guide = nn.Parameter(torch.zeros(dims.text_hidden))  # query when the text is absent
         self.sparse_budget: tuple[float, ...] | None = tuple(dims.sparse_budget) or None
         self.last_active_fractions: dict[str, Tensor] = {}
-        # Training only: probability per sample that its sparse attention is guided by
-        # null_guide instead of its transcript (set by training; eval never drops).
+        # Training only (set by training; eval neither drops nor shuffles): probability
+        # per sample that its sparse attention is guided by null_guide instead of its
+        # transcript, and that it is guided by its batch neighbour's guide.
         self.guide_dropout = 0.0
+        self.guide_shuffle = 0.0
 
     def set_sparse_budget(self, budget: Sequence[float] | None) -> None:
         """None: CDF rule (the paper). A fraction per stage: fixed top-k sites per frame."""
@@ -284,11 +286,20 @@ class MME2ESparse(_MME2EBase):
 
     def text_guide(self, text_cls: Tensor, text_present: Tensor) -> Tensor:
         """text_cls (B, Ht), text_present (B,) -> guide (B, Ht): the transcript's CLS, or
-        null_guide without text (and, in training, for a random guide_dropout share)."""
+        null_guide without text or with ``dims.sparse_guide == "learned"`` (and, in
+        training, for a random guide_dropout share; then a random guide_shuffle share
+        takes the guide of the next sample in the batch)."""
+        null = self.null_guide.type(text_cls.dtype)
+        if self.dims.sparse_guide == "learned":
+            return null.expand_as(text_cls)
         use_text = text_present
         if self.training and self.guide_dropout > 0:
             use_text = use_text & (torch.rand(use_text.shape, device=use_text.device) >= self.guide_dropout)
-        return torch.where(use_text[:, None], text_cls, self.null_guide.type(text_cls.dtype))
+        guide = torch.where(use_text[:, None], text_cls, null)
+        if self.training and self.guide_shuffle > 0:
+            swap = torch.rand(use_text.shape, device=guide.device) < self.guide_shuffle  # (B,)
+            guide = torch.where(swap[:, None], guide.roll(1, 0), guide)
+        return guide
 
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn

@@ -283,3 +283,48 @@ def test_guide_dropout_swaps_in_the_null_guide_in_training_only():
     assert torch.equal(guide[~dropped], text_cls[~dropped])
     model.eval()
     assert torch.equal(model.text_guide(text_cls, present), text_cls)
+
+
+def test_guide_shuffle_hands_a_sample_its_neighbours_guide_in_training_only():
+    torch.manual_seed(0)
+    model = build_model(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB))
+    with torch.no_grad():
+        model.null_guide.fill_(7.0)
+    text_cls = torch.randn(64, model.dims.text_hidden)
+    present = torch.arange(64) % 4 != 0  # every fourth sample without text
+    expected = torch.where(present[:, None], text_cls, torch.full_like(text_cls, 7.0))
+    model.guide_shuffle = 0.5
+    model.train()
+    guide = model.text_guide(text_cls, present)
+    own = (guide == expected).all(1)
+    neighbour = (guide == expected.roll(1, 0)).all(1)
+    assert bool((own | neighbour).all())
+    assert 10 < int((neighbour & ~own).sum()) < 54  # about half, per sample
+    model.eval()
+    assert torch.equal(model.text_guide(text_cls, present), expected)
+
+
+def test_learned_sparse_guide_ignores_the_transcript():
+    """sparse_guide = "learned": the stages' attention is queried by the learned query
+    alone, so the kept sites and the audio/visual branches do not change with the
+    transcript, while the text branch still reads it."""
+    torch.manual_seed(0)
+    dims = dataclasses.replace(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB), sparse_guide="learned")
+    model = build_model(dims).eval()
+    batch = make_batch([(3, 2, 4), (2, 3, 5)], seed=3)
+    other = make_batch([(3, 2, 4), (2, 3, 5)], seed=4)
+    tokens_at = [i for i, t in enumerate(batch) if t.dtype == torch.long]
+    swapped = list(batch)
+    for i in tokens_at:
+        swapped[i] = other[i]
+    with torch.no_grad():
+        a, b = model(*batch), model(*swapped)
+    assert torch.equal(a.modality_logits[:, 1:], b.modality_logits[:, 1:])  # audio, visual
+    assert not torch.equal(a.modality_logits[:, 0], b.modality_logits[:, 0])  # text
+    text_guided = build_model(dataclasses.replace(dims, sparse_guide="text"))
+    text_guided.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        c, d = text_guided.eval()(*batch), text_guided(*swapped)
+    assert not torch.equal(c.modality_logits[:, 1:], d.modality_logits[:, 1:])  # the paper's guide reads it
+    with pytest.raises(ValueError, match="sparse_guide"):
+        dataclasses.replace(dims, sparse_guide="words")

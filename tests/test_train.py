@@ -242,3 +242,13 @@ def test_int8_export_keeps_the_top_person_on_every_test_utterance(tiny_runs, pre
     assert check["cached"]["accuracy_fp32"] >= 0.9, check
     assert check["cached"]["top1_agreement"] == 1.0, check
     assert Engine.load(out, "onnx", int8=True, feature_cache=64).backend_name == "onnx-cached-int8"
+
+
+def test_time_limit_stops_after_the_epoch_that_reaches_it(prepared_tiny, tmp_path):
+    out = tmp_path / "timed"
+    assert mmid(["train", "--data", str(prepared_tiny), "--model", "mme2e", "--preset", "tiny", "--out", str(out),
+                 "--epochs", "5", "--set", "train.time_limit_s=0.001", "--set", "train.fusion_fit=\"valid\""]) == 0
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert len(rows) == 1 and summary["epochs_run"] == 1 and summary["stopped_by"] == "time_limit"
+    assert summary["fusion_fit"] is not None  # the kept checkpoint is finished as after any stop

@@ -109,7 +109,7 @@ def _tokenizer_file(job: TrainJob, cfg: Config, text_dir: Path | None) -> Path:
 def build_dims(job: TrainJob, cfg: Config, n_persons: int, learned_vocab: int) -> ModelDims:
     """Preset dims; ``learned_vocab`` > 0 when the tokenizer was learned from the data."""
     return preset_dims(job.preset, job.model, n_persons, cfg.model.text_model, text_vocab=learned_vocab,
-                       sparse_threshold=cfg.model.sparse_threshold)
+                       sparse_threshold=cfg.model.sparse_threshold, sparse_guide=cfg.model.sparse_guide)
 
 
 def learning_rate_scale(cfg: Config, step: int, total_steps: int) -> float:
@@ -266,6 +266,7 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
     model = build_model(dims, text_weights_dir=None if resuming else text_dir).to(device)
     if hasattr(model, "guide_dropout"):
         model.guide_dropout = cfg.train.guide_dropout if cfg.train.guide_dropout >= 0 else PRESET_GUIDE_DROPOUT[job.preset]
+        model.guide_shuffle = cfg.train.guide_shuffle
     lr = base_learning_rate(cfg, job.preset)
     entropy_weights = sparse_entropy_weights(cfg, job.preset)
     entropy_target = cfg.train.sparse_entropy_target if cfg.train.sparse_entropy_target >= 0 else PRESET_ENTROPY_TARGET[job.preset]
@@ -301,8 +302,14 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
     valid_loader = make_loader(valid_ds, cfg, shuffle=False, seed=0)
     drop_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     started = time.time()
+    stopped_by = "epochs"
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["bad_epochs"] >= cfg.train.patience:
+            stopped_by = "patience"
+            break
+        if cfg.train.time_limit_s > 0 and time.time() - started >= cfg.train.time_limit_s:
+            stopped_by = "time_limit"
+            print(f"[train] time limit of {cfg.train.time_limit_s:g} s reached after epoch {epoch - 1}: stopping")
             break
         drop_gen.manual_seed(cfg.train.seed * 1000 + epoch)
         loader = make_loader(train_ds, cfg, shuffle=True, seed=cfg.train.seed * 1000 + epoch)
@@ -370,6 +377,7 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         "best_epoch": state["best_epoch"],
         "best_valid_macro_f1": state["best_f1"],
         "epochs_run": state["epoch"],
+        "stopped_by": stopped_by,
         "train_seconds": round(time.time() - started, 2),
         "device": str(device),
         "fusion_fit": fusion.as_dict() if fusion else None,
