@@ -13,7 +13,8 @@
 # the machine, the second copies them back into .gpu/ before running this script). One run per line of ${CONFIGS:-benchmarks/sweep.txt}:
 # NAME MODEL [--data @WORK/FOLDER] [--set key=value ...].
 # TIME_LIMIT (seconds) lets each run finish its epoch, stop and fit its fusion weights
-# before TRAIN_TIMEOUT kills it. Results go to ${OUT:-gpu-out}/: NAME.log and NAME.metrics.jsonl per run, summary.jsonl.
+# before TRAIN_TIMEOUT kills it. Results go to ${OUT:-gpu-out}/: NAME.log, NAME.metrics.jsonl
+# and NAME.logits.npz (branch logits on valid/test) per run, summary.jsonl.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/sweep}
@@ -40,3 +41,6 @@ done < "${CONFIGS:-benchmarks/sweep.txt}"
 wait
 for run in "$WORK"/runs/*; do cp "$run/metrics.jsonl" "$OUT/$(basename "$run").metrics.jsonl" 2>/dev/null; done
 SUMMARY_JOBS=${SUMMARY_JOBS:-4} python3 benchmarks/sweep_summary.py "$DATA" "$WORK"/runs/* | tee "$OUT/summary.jsonl"
+for run in "$WORK"/runs/*; do cp "$run/branch_logits.npz" "$OUT/$(basename "$run").logits.npz" 2>/dev/null; done
+# A lent machine brings back a few files only: PACK=FILE.tgz packs the whole of $OUT into one.
+if [ -n "${PACK:-}" ]; then tar czf "$PACK" -C "$OUT" .; fi

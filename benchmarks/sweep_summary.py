@@ -1,6 +1,7 @@
 """One JSON line per run folder: test accuracy, macro-F1, each branch alone, the
 fitted fusion weights, epochs, training time, and feature-extraction FLOPs (also
-relative to the first run named ``dense...`` trained on the same data). Each run is
+relative to the first run named ``dense...`` trained on the same data); and
+RUN/branch_logits.npz (``save_branch_logits``). Each run is
 evaluated on the dataset it was trained on (recorded in its checkpoint), DATA when
 none is recorded. Plots are skipped when matplotlib is missing (lent GPU machines
 may lack it).
@@ -18,9 +19,36 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np  # noqa: E402
+
+from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.features import Tokenizer  # noqa: E402
+from training.dataset import PreparedDataset, read_split  # noqa: E402
+from training.fusion_fit import collect_branch_logits  # noqa: E402
+from training.train import make_loader, pick_device  # noqa: E402
 from training import evaluate  # noqa: E402
 from training.flops import count_flops  # noqa: E402
+
+
+def save_branch_logits(run: Path, data: Path) -> Path:
+    """RUN/branch_logits.npz: each branch's logits, presence and labels on the validation and
+    test splits, and the fusion logits, so that fusion rules can be studied offline
+    (a checkpoint is too big to bring back from a lent machine; these are a few KB)."""
+    model, meta = load_checkpoint(run)
+    device = pick_device("auto")
+    model.to(device)
+    tokenizer = Tokenizer(run / "tokenizer.json", max_tokens=meta.features.max_tokens)
+    cfg = load_config(None)
+    arrays = {"fusion": model.fusion.detach().float().cpu().numpy()}
+    for split in ("valid", "test"):
+        ds = PreparedDataset(data, read_split(data, "dialog", split), tokenizer, meta.features, list(meta.persons))
+        logits, present, labels = collect_branch_logits(model, make_loader(ds, cfg, shuffle=False, seed=0), device)
+        arrays.update({f"{split}_logits": logits.numpy(), f"{split}_present": present.numpy(),
+                       f"{split}_labels": labels.numpy()})
+    out = run / "branch_logits.npz"
+    np.savez(out, **arrays)
+    return out
 
 
 def summarise(run: Path, data: Path) -> dict | None:
@@ -35,6 +63,7 @@ def summarise(run: Path, data: Path) -> dict | None:
     run_data = Path(json.loads((run / "model.json").read_text()).get("extra", {}).get("data") or data)
     ev = evaluate.evaluate_run(run, run_data, "test", load_config(None), device="auto")
     fl = count_flops(run, run_data, "test")
+    save_branch_logits(run, run_data)
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
     return {
         "run": run.name, "data": run_data.name, "n": ev["n"], "accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
