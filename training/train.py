@@ -203,6 +203,15 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) ->
     return {k: np.concatenate(v) for k, v in keep.items()}
 
 
+def branch_accuracies(pred: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """``predict`` output -> each modality's accuracy alone over the windows that have it."""
+    out: dict[str, float | None] = {}
+    for m, name in enumerate(("text", "audio", "visual")):
+        has = pred["present"][:, m].astype(bool)
+        out[name] = round(float((pred["mod_pred"][has, m] == pred["label"][has]).mean()), 4) if has.any() else None
+    return out
+
+
 def make_loader(ds: PreparedDataset, cfg: Config, shuffle: bool, seed: int) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -315,6 +324,7 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         loader = make_loader(train_ds, cfg, shuffle=True, seed=cfg.train.seed * 1000 + epoch)
         model.train()
         total, count = 0.0, 0
+        entropy_sum, fraction_sums, fraction_steps = 0.0, {}, {}  # sparse model's attention, per epoch
         for step, (batch, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
             set_learning_rates(optimizer, cfg, (epoch - 1) * len(loader) + step, cfg.train.epochs * len(loader))
             batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
@@ -323,6 +333,12 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             entropy = model.attention_entropy(entropy_weights, entropy_target) if hasattr(model, "attention_entropy") else None
             if entropy is not None and max(entropy_weights.values()) > 0:
                 loss = loss + entropy
+                entropy_sum += float(entropy.detach()) * len(labels)
+            for modality, fractions in getattr(model, "last_active_fractions", {}).items():
+                fraction_sums[modality] = fraction_sums.get(modality, 0.0) + fractions.cpu().numpy()
+                fraction_steps[modality] = fraction_steps.get(modality, 0) + 1
+            if hasattr(model, "last_active_fractions"):
+                model.last_active_fractions = {}  # a batch without faces must not count the last one's
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.clip_grad > 0:
@@ -341,8 +357,13 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             "valid_accuracy": accuracy(pred["label"], pred["pred"]),
             "valid_macro_f1": f1,
             "valid_loss": valid_loss,
+            "valid_alone": branch_accuracies(pred),
             "elapsed_s": round(time.time() - started, 2),
         }
+        if fraction_steps:  # sparse model: the entropy term and the kept fraction of each stage
+            row["train_entropy_penalty"] = entropy_sum / max(count, 1)
+            row["active_fraction"] = {m: [round(float(f), 4) for f in fraction_sums[m] / n]
+                                      for m, n in fraction_steps.items()}
         with open(job.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(
