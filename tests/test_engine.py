@@ -520,3 +520,20 @@ def test_bench_json_rows(engines, capsys):
     } | {("mme2e", "onnx-cached", "window", b) for b in (1, 2)}
     for r in rows:
         assert r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"] and r["windows_per_s"] > 0
+
+
+def test_learned_guide_sparse_export_matches_pytorch(tmp_path, tokenizer_file):
+    """model.sparse_guide = "learned": the exported graph queries the stages with the
+    learned query, whatever the transcript, as the PyTorch model does."""
+    torch.manual_seed(5)
+    dims = dataclasses.replace(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=400), sparse_guide="learned")
+    model = build_model(dims).eval()
+    with torch.no_grad():
+        model.null_guide.normal_()
+    export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, tmp_path,
+                  sparse_budget=BUDGET)
+    engine = Engine.load(tmp_path, backend="onnx", threads=2, device="cpu")
+    assert engine.dims.sparse_guide == "learned"
+    for i, shape in enumerate(SHAPES[:3]):
+        batch = random_batch(model.dims, *shape, seed=i)
+        _assert_close(engine.run(batch), _reference(model, batch))
