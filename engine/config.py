@@ -84,6 +84,7 @@ class TrainConfig:
     sparse_entropy_weight: float = -1.0
     sparse_entropy_weight_audio: float = -1.0
     sparse_entropy_target: float = -1.0
+    sparse_entropy_floor: float = 0.0
     guide_dropout: float = -1.0
     guide_shuffle: float = 0.0
     patience: int = 10

@@ -261,17 +261,29 @@ class MME2ESparse(_MME2EBase):
                 raise ValueError(f"sparse budget {budget}: expected {len(self.dims.stage_channels)} fractions in (0, 1]")
         self.sparse_budget = budget
 
-    def attention_entropy(self, weights: dict[str, float] | None = None, target: float = 0.0) -> Tensor | None:
+    def stage_entropies(self) -> dict[str, list[float]]:
+        """Normalised attention entropy of each sparse stage in the last training forward,
+        per modality that ran (for logging; read before ``attention_entropy`` clears it)."""
+        out = {}
+        for name, cnn in (("audio", self.audio_cnn), ("visual", self.visual_cnn)):
+            if all(stage.last_entropy is not None for stage in cnn.stages):
+                out[name] = [float(stage.last_entropy.detach()) for stage in cnn.stages]
+        return out
+
+    def attention_entropy(self, weights: dict[str, float] | None = None, target: float = 0.0,
+                          floor: float = 0.0) -> Tensor | None:
         """Mean normalised attention entropy of the sparse stages that ran in the last
         training forward, for the training loss to penalise: each stage's entropy above
-        ``target`` (a hinge; 0 = the entropy itself), the mean over each modality's
-        stages, times ``weights[modality]`` (default 1), averaged over the modalities
-        that ran (None if none did). Reading clears it, so a stage skipped in the next
-        step (a batch without any face) is not counted again with a graph that backward
-        has already freed."""
+        ``target`` (a hinge; 0 = the entropy itself) plus its shortfall below ``floor``
+        (0 = none: attention may sharpen onto a single site), the mean over each
+        modality's stages, times ``weights[modality]`` (default 1), averaged over the
+        modalities that ran (None if none did). Reading clears it, so a stage skipped in
+        the next step (a batch without any face) is not counted again with a graph that
+        backward has already freed."""
         per_modality = []
         for name, cnn in (("audio", self.audio_cnn), ("visual", self.visual_cnn)):
-            values = [(stage.last_entropy - target).clamp(min=0.0) for stage in cnn.stages if stage.last_entropy is not None]
+            values = [(stage.last_entropy - target).clamp(min=0.0) + (floor - stage.last_entropy).clamp(min=0.0)
+                      for stage in cnn.stages if stage.last_entropy is not None]
             for stage in cnn.stages:
                 stage.last_entropy = None
             if values:

@@ -266,6 +266,11 @@ def test_attention_entropy_target_is_a_hinge():
     assert 0.0 < hinged.item() < full.item()
     model(*batch)
     assert model.attention_entropy(target=1.0).item() == 0.0
+    model(*batch)  # a floor above every stage's entropy: the mean shortfall below it
+    stages = [s.last_entropy.item() for cnn in (model.audio_cnn, model.visual_cnn) for s in cnn.stages]
+    floored = model.attention_entropy(target=1.0, floor=1.0)
+    per_modality = [sum(1.0 - e for e in stages[i * 3:(i + 1) * 3]) / 3 for i in range(2)]
+    assert floored.item() == pytest.approx(sum(per_modality) / 2, rel=1e-5)
 
 
 def test_guide_dropout_swaps_in_the_null_guide_in_training_only():

@@ -324,13 +324,18 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
         loader = make_loader(train_ds, cfg, shuffle=True, seed=cfg.train.seed * 1000 + epoch)
         model.train()
         total, count = 0.0, 0
-        entropy_sum, fraction_sums, fraction_steps = 0.0, {}, {}  # sparse model's attention, per epoch
+        # the sparse model's attention over the epoch: penalty, kept fractions, entropies per stage
+        entropy_sum, fraction_sums, fraction_steps, stage_sums, stage_steps = 0.0, {}, {}, {}, {}
         for step, (batch, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
             set_learning_rates(optimizer, cfg, (epoch - 1) * len(loader) + step, cfg.train.epochs * len(loader))
             batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
             out = model(*batch.model_inputs())
             loss = loss_fn(out, labels.to(device), cfg)
-            entropy = model.attention_entropy(entropy_weights, entropy_target) if hasattr(model, "attention_entropy") else None
+            for modality, values in (model.stage_entropies() if hasattr(model, "stage_entropies") else {}).items():
+                stage_sums[modality] = stage_sums.get(modality, 0.0) + np.asarray(values)
+                stage_steps[modality] = stage_steps.get(modality, 0) + 1
+            entropy = (model.attention_entropy(entropy_weights, entropy_target, cfg.train.sparse_entropy_floor)
+                       if hasattr(model, "attention_entropy") else None)
             if entropy is not None and max(entropy_weights.values()) > 0:
                 loss = loss + entropy
                 entropy_sum += float(entropy.detach()) * len(labels)
@@ -364,6 +369,8 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             row["train_entropy_penalty"] = entropy_sum / max(count, 1)
             row["active_fraction"] = {m: [round(float(f), 4) for f in fraction_sums[m] / n]
                                       for m, n in fraction_steps.items()}
+            row["attention_entropy"] = {m: [round(float(e), 4) for e in stage_sums[m] / n]
+                                        for m, n in stage_steps.items()}
         with open(job.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(
