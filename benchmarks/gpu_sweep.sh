@@ -15,6 +15,13 @@
 # TIME_LIMIT (seconds) lets each run finish its epoch, stop and fit its fusion weights
 # before TRAIN_TIMEOUT kills it. Results go to ${OUT:-gpu-out}/: NAME.log, NAME.metrics.jsonl
 # and NAME.logits.npz (branch logits on valid/test) per run, summary.jsonl.
+# Session 7 ran it so (H200; 15 runs side by side at 8-17 s per epoch, 6 runs at 8 s; the
+# whole lease, start included, about 11 minutes for 21 runs):
+#   call 1, carry .gpu/data.tar.xz .gpu/data23.tar.xz:
+#     mkdir -p /tmp/stash && cp .gpu/data.tar.xz .gpu/data23.tar.xz /tmp/stash/
+#   call 2 at once (a machine idle for 30 s is given back), carry .gpu/data31.tar.xz .gpu/minilm.tar.xz:
+#     cp /tmp/stash/*.tar.xz .gpu/ && PACK="$OUT/sweep.tgz" OUT=/tmp/gout CONFIGS=benchmarks/sweep8.txt \
+#       EPOCHS=20 PATIENCE=8 TIME_LIMIT=400 TRAIN_TIMEOUT=480 WORKERS=1 SUMMARY_JOBS=8 bash benchmarks/gpu_sweep.sh
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/sweep}
