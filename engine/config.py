@@ -95,6 +95,7 @@ class TrainConfig:
     fusion_fit_l2: float = 0.01
     split: Literal["dialog", "utterance"] = "dialog"
     seed: int = 0
+    deterministic: bool = True
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     num_workers: int = 0
 

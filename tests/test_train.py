@@ -252,3 +252,23 @@ def test_time_limit_stops_after_the_epoch_that_reaches_it(prepared_tiny, tmp_pat
     summary = json.loads((out / "train_summary.json").read_text())
     assert len(rows) == 1 and summary["epochs_run"] == 1 and summary["stopped_by"] == "time_limit"
     assert summary["fusion_fit"] is not None  # the kept checkpoint is finished as after any stop
+
+
+def test_sparse_training_is_reproducible(prepared_tiny, tmp_path):
+    """One seed, one run: two sparse trainings give the same metrics and weights bit for
+    bit (train.deterministic; without it the sparse convolutions' backward accumulates
+    with parallel atomic adds on the CPU, whose order varies, and runs can drift apart
+    within a few epochs), and the process's setting is restored after each."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    before = torch.are_deterministic_algorithms_enabled()
+    for out in runs:
+        assert mmid(["train", "--data", str(prepared_tiny), "--model", "mme2e_sparse", "--preset", "tiny",
+                     "--out", str(out), "--epochs", "6", "--set", "train.fusion_fit=\"none\""]) == 0
+    rows = [[{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in (out / "metrics.jsonl").read_text().splitlines()]
+            for out in runs]
+    assert len(rows[0]) == 6 and rows[0] == rows[1]
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with safe_open(str(runs[0] / "last" / "model.safetensors"), framework="pt") as fa, \
+            safe_open(str(runs[1] / "last" / "model.safetensors"), framework="pt") as fb:
+        for key in fa.keys():
+            assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key

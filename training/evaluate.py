@@ -13,7 +13,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import Config
 from engine.features import Tokenizer
 from training.dataset import PreparedDataset, read_split
-from training.metrics import accuracy, confusion, macro_f1, per_class_prf
+from training.metrics import accuracy, branch_accuracies, confusion, macro_f1, per_class_prf
 from training.train import make_loader, pick_device, predict
 
 MODALITIES = ("text", "audio", "visual")  # order of ModelOutput.modality_logits
@@ -41,13 +41,9 @@ def evaluate_run(run: Path, data: Path, split: str, cfg: Config, protocol: str |
     n = len(persons)
     cm = confusion(pred["label"], pred["pred"], n)
     precision, recall, f1, support = per_class_prf(cm)
-    per_modality = {}
-    for i, name in enumerate(MODALITIES):
-        has = pred["present"][:, i]
-        per_modality[name] = {
-            "accuracy": accuracy(pred["label"][has], pred["mod_pred"][has, i]) if has.any() else None,
-            "n_present": int(has.sum()),
-        }
+    alone = branch_accuracies(pred["label"], pred["mod_pred"], pred["present"])
+    per_modality = {name: {"accuracy": alone[name], "n_present": int(pred["present"][:, i].sum())}
+                    for i, name in enumerate(MODALITIES)}
     summary = {
         "run": str(run),
         "model": meta.dims.name,

@@ -35,3 +35,14 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     y_true = np.asarray(y_true)
     return float((y_true == np.asarray(y_pred)).mean()) if len(y_true) else 0.0
+
+
+def branch_accuracies(labels: np.ndarray, mod_pred: np.ndarray, present: np.ndarray) -> dict[str, float | None]:
+    """labels (N,), per-modality predictions (N, 3) and presence (N, 3), in the order text,
+    audio, visual -> each modality's accuracy alone over the windows that have it (None
+    where no window has it)."""
+    out: dict[str, float | None] = {}
+    for i, name in enumerate(("text", "audio", "visual")):
+        has = present[:, i].astype(bool)
+        out[name] = accuracy(labels[has], mod_pred[has, i]) if has.any() else None
+    return out

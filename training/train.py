@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from engine.model import build_model
 from engine.wordpiece import train_wordpiece
 from training.dataset import PreparedDataset, read_split
 from training.fusion_fit import fit_fusion
-from training.metrics import accuracy, macro_f1
+from training.metrics import accuracy, branch_accuracies, macro_f1
 from training.textprep import text_model_dir
 from training.weight_average import WeightAverage
 
@@ -203,15 +204,6 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) ->
     return {k: np.concatenate(v) for k, v in keep.items()}
 
 
-def branch_accuracies(pred: dict[str, np.ndarray]) -> dict[str, float | None]:
-    """``predict`` output -> each modality's accuracy alone over the windows that have it."""
-    out: dict[str, float | None] = {}
-    for m, name in enumerate(("text", "audio", "visual")):
-        has = pred["present"][:, m].astype(bool)
-        out[name] = round(float((pred["mod_pred"][has, m] == pred["label"][has]).mean()), 4) if has.any() else None
-    return out
-
-
 def make_loader(ds: PreparedDataset, cfg: Config, shuffle: bool, seed: int) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -259,7 +251,23 @@ def _shown(weights: tuple[float, ...]) -> str:
 
 
 def run_training(job: TrainJob, cfg: Config) -> dict:
-    """Train, validate every epoch, keep the best checkpoint in ``job.out``; return a summary."""
+    """Train, validate every epoch, keep the best checkpoint in ``job.out``; return a summary.
+
+    With ``train.deterministic`` the run uses PyTorch's deterministic kernels (restored
+    after): on the CPU the backward of the sparse convolutions' neighbour gather
+    accumulates with parallel atomic adds otherwise, whose order differs from run to
+    run, so that two runs with one seed drift apart after a few epochs."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _run_training(job, cfg)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _run_training(job: TrainJob, cfg: Config) -> dict:
     seed_everything(cfg.train.seed)
     device = pick_device(job.device)
     job.out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +370,8 @@ def run_training(job: TrainJob, cfg: Config) -> dict:
             "valid_accuracy": accuracy(pred["label"], pred["pred"]),
             "valid_macro_f1": f1,
             "valid_loss": valid_loss,
-            "valid_alone": branch_accuracies(pred),
+            "valid_alone": {k: None if v is None else round(v, 4)
+                            for k, v in branch_accuracies(pred["label"], pred["mod_pred"], pred["present"]).items()},
             "elapsed_s": round(time.time() - started, 2),
         }
         if fraction_steps:  # sparse model: the entropy term and the kept fraction of each stage
