@@ -237,7 +237,8 @@ class MME2ESparse(_MME2EBase):
 
     ``last_active_fractions`` holds, after each eager forward, {"audio", "visual"} ->
     (n_stages,) tensor: kept sites / positions of each stage's input grid, averaged
-    over real frames. ``set_sparse_budget`` switches between CDF and fixed budget.
+    over real frames, for the modalities whose CNN ran in that forward (a training
+    batch without any face has no "visual" entry, not the previous batch's). ``set_sparse_budget`` switches between CDF and fixed budget.
     """
 
     def __init__(self, dims: ModelDims):
@@ -252,6 +253,11 @@ class MME2ESparse(_MME2EBase):
         # transcript, and that it is guided by its batch neighbour's guide.
         self.guide_dropout = 0.0
         self.guide_shuffle = 0.0
+
+    def forward(self, faces: Tensor, face_mask: Tensor, audio: Tensor, audio_mask: Tensor,
+                text: Tensor, text_mask: Tensor) -> ModelOutput:
+        self.last_active_fractions = {}  # filled by this forward's sparse CNNs
+        return super().forward(faces, face_mask, audio, audio_mask, text, text_mask)
 
     def set_sparse_budget(self, budget: Sequence[float] | None) -> None:
         """None: CDF rule (the paper). A fraction per stage: fixed top-k sites per frame."""

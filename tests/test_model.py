@@ -273,12 +273,17 @@ def test_attention_entropy_target_is_a_hinge():
     assert floored.item() == pytest.approx(sum(per_modality) / 2, rel=1e-5)
 
 
-def test_guide_dropout_swaps_in_the_null_guide_in_training_only():
+def _sparse_with_null_guide(value: float) -> tuple[MME2ESparse, torch.Tensor]:
+    """A tiny sparse model whose no-text query is all ``value``, and 64 random text CLS rows."""
     torch.manual_seed(0)
     model = build_model(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB))
     with torch.no_grad():
-        model.null_guide.fill_(7.0)
-    text_cls = torch.randn(64, model.dims.text_hidden)
+        model.null_guide.fill_(value)
+    return model, torch.randn(64, model.dims.text_hidden)
+
+
+def test_guide_dropout_swaps_in_the_null_guide_in_training_only():
+    model, text_cls = _sparse_with_null_guide(7.0)
     present = torch.ones(64, dtype=torch.bool)
     model.guide_dropout = 0.5
     model.train()
@@ -291,11 +296,7 @@ def test_guide_dropout_swaps_in_the_null_guide_in_training_only():
 
 
 def test_guide_shuffle_hands_a_sample_its_neighbours_guide_in_training_only():
-    torch.manual_seed(0)
-    model = build_model(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB))
-    with torch.no_grad():
-        model.null_guide.fill_(7.0)
-    text_cls = torch.randn(64, model.dims.text_hidden)
+    model, text_cls = _sparse_with_null_guide(7.0)
     present = torch.arange(64) % 4 != 0  # every fourth sample without text
     expected = torch.where(present[:, None], text_cls, torch.full_like(text_cls, 7.0))
     model.guide_shuffle = 0.5

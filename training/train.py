@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -204,6 +205,23 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) ->
     return {k: np.concatenate(v) for k, v in keep.items()}
 
 
+class EpochMeans:
+    """Means over an epoch's steps of per-key vectors, e.g. {"audio": one value per stage};
+    a key counts only the steps that reported it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.steps: dict[str, int] = {}
+
+    def add(self, values: dict[str, Sequence[float]]) -> None:
+        for key, v in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + np.asarray(v, dtype=np.float64)
+            self.steps[key] = self.steps.get(key, 0) + 1
+
+    def means(self, digits: int = 4) -> dict[str, list[float]]:
+        return {key: [round(float(x), digits) for x in self.sums[key] / n] for key, n in self.steps.items()}
+
+
 def make_loader(ds: PreparedDataset, cfg: Config, shuffle: bool, seed: int) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -333,25 +351,20 @@ def _run_training(job: TrainJob, cfg: Config) -> dict:
         model.train()
         total, count = 0.0, 0
         # the sparse model's attention over the epoch: penalty, kept fractions, entropies per stage
-        entropy_sum, fraction_sums, fraction_steps, stage_sums, stage_steps = 0.0, {}, {}, {}, {}
+        entropy_sum, fractions, entropies = 0.0, EpochMeans(), EpochMeans()
         for step, (batch, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=None)):
             set_learning_rates(optimizer, cfg, (epoch - 1) * len(loader) + step, cfg.train.epochs * len(loader))
             batch = hide_modalities(batch, cfg.train.modality_dropout, drop_gen).to(device)
             out = model(*batch.model_inputs())
             loss = loss_fn(out, labels.to(device), cfg)
-            for modality, values in (model.stage_entropies() if hasattr(model, "stage_entropies") else {}).items():
-                stage_sums[modality] = stage_sums.get(modality, 0.0) + np.asarray(values)
-                stage_steps[modality] = stage_steps.get(modality, 0) + 1
+            if hasattr(model, "stage_entropies"):
+                entropies.add(model.stage_entropies())  # before attention_entropy clears them
+                fractions.add({m: f.tolist() for m, f in model.last_active_fractions.items()})
             entropy = (model.attention_entropy(entropy_weights, entropy_target, cfg.train.sparse_entropy_floor)
                        if hasattr(model, "attention_entropy") else None)
             if entropy is not None and max(entropy_weights.values()) > 0:
                 loss = loss + entropy
                 entropy_sum += float(entropy.detach()) * len(labels)
-            for modality, fractions in getattr(model, "last_active_fractions", {}).items():
-                fraction_sums[modality] = fraction_sums.get(modality, 0.0) + fractions.cpu().numpy()
-                fraction_steps[modality] = fraction_steps.get(modality, 0) + 1
-            if hasattr(model, "last_active_fractions"):
-                model.last_active_fractions = {}  # a batch without faces must not count the last one's
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.clip_grad > 0:
@@ -374,12 +387,10 @@ def _run_training(job: TrainJob, cfg: Config) -> dict:
                             for k, v in branch_accuracies(pred["label"], pred["mod_pred"], pred["present"]).items()},
             "elapsed_s": round(time.time() - started, 2),
         }
-        if fraction_steps:  # sparse model: the entropy term and the kept fraction of each stage
+        if fractions.steps:  # sparse model: the entropy term, each stage's kept fraction and entropy
             row["train_entropy_penalty"] = entropy_sum / max(count, 1)
-            row["active_fraction"] = {m: [round(float(f), 4) for f in fraction_sums[m] / n]
-                                      for m, n in fraction_steps.items()}
-            row["attention_entropy"] = {m: [round(float(e), 4) for e in stage_sums[m] / n]
-                                        for m, n in stage_steps.items()}
+            row["active_fraction"] = fractions.means()
+            row["attention_entropy"] = entropies.means()
         with open(job.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(
