@@ -254,19 +254,32 @@ def test_time_limit_stops_after_the_epoch_that_reaches_it(prepared_tiny, tmp_pat
     assert summary["fusion_fit"] is not None  # the kept checkpoint is finished as after any stop
 
 
-def test_sparse_training_is_reproducible(prepared_tiny, tmp_path):
+def test_sparse_training_is_reproducible(prepared_tiny, tmp_path, monkeypatch):
     """One seed, one run: two sparse trainings give the same metrics and weights bit for
     bit (train.deterministic; without it the sparse convolutions' backward accumulates
     with parallel atomic adds on the CPU, whose order varies, and runs can drift apart
-    within a few epochs), and the process's setting is restored after each."""
+    within a few epochs, not in every pair of runs, so the test also checks that every
+    training step ran with deterministic kernels), and the process's setting is restored
+    after each."""
+    from training import train as train_module
+
     runs = [tmp_path / "a", tmp_path / "b"]
     before = torch.are_deterministic_algorithms_enabled()
+    modes = []
+    loss_fn = train_module.loss_fn
+
+    def recording_loss(*args, **kwargs):
+        modes.append(torch.are_deterministic_algorithms_enabled())
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "loss_fn", recording_loss)
     for out in runs:
         assert mmid(["train", "--data", str(prepared_tiny), "--model", "mme2e_sparse", "--preset", "tiny",
                      "--out", str(out), "--epochs", "6", "--set", "train.fusion_fit=\"none\""]) == 0
     rows = [[{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in (out / "metrics.jsonl").read_text().splitlines()]
             for out in runs]
     assert len(rows[0]) == 6 and rows[0] == rows[1]
+    assert modes and all(modes)
     assert torch.are_deterministic_algorithms_enabled() == before
     with safe_open(str(runs[0] / "last" / "model.safetensors"), framework="pt") as fa, \
             safe_open(str(runs[1] / "last" / "model.safetensors"), framework="pt") as fb:
