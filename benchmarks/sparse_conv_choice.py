@@ -50,12 +50,12 @@ def make_case(n, h, w, cin, cout, pattern="random", seed=0):
 
 
 def ours(rows, sites, conv):
-    index = sites.padded_index()
+    table = sites.neighbour_table()
     x = rows.clone().requires_grad_(True)
 
     def step():
         conv.zero_grad()
-        conv(x, sites, index).sum().backward()
+        conv(x, table).sum().backward()
 
     return step
 
@@ -103,7 +103,7 @@ def check_spconv_matches(rows, sites, cin, cout) -> float:
         frame, rest = sites.flat // hw, sites.flat % hw
         idx = torch.stack([frame, rest // sites.w, rest % sites.w], dim=1).int().contiguous()
         theirs = conv(spconv.SparseConvTensor(rows, idx, [sites.h, sites.w], sites.n)).features
-        mine = ours_conv(rows, sites, sites.padded_index())
+        mine = ours_conv(rows, sites.neighbour_table())
     return (theirs - mine).abs().max().item()
 
 

@@ -20,7 +20,9 @@ Two scopes, on identical inputs for every backend:
   holds, the stream's rule (stream/speech.py ``text_between``), so neighbouring
   windows mostly share it. Tokens are made per window, log-mel grid chunks once
   per source (the engine's chunk cache); the model runs on the whole window, except with ``onnx-cached`` (the dense model's CNN
-  outputs per frame and chunk and its text CLS per transcript reused). Every
+  outputs per frame and chunk, the sparse model's low-level maps per frame and chunk and
+  its sparse stages' outputs per frame or chunk and transcript, and the text CLS per
+  transcript reused). Every
   measurement runs under a source name of its own, so nothing computed for one
   row is reused by the next, and the simulated stream is long enough that its
   frames and audio never repeat within a measurement.
@@ -84,8 +86,8 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
 
     if (out / "engine.json").exists():
         info = json.loads((out / "engine.json").read_text())
-        # dense engines from before the split graphs or their int8 CNNs: rebuild
-        if name != "mme2e" or (info.get("split_format") == SPLIT_FORMAT and (info.get("split_int8_graphs") or not int8)):
+        # engines from before the split graphs (sparse: before its split), dense ones without int8 CNNs: rebuild
+        if info.get("split_format") == SPLIT_FORMAT and (name != "mme2e" or info.get("split_int8_graphs") or not int8):
             return out
     torch.manual_seed(seed)
     model = build_model(preset_dims(preset, name, n_persons)).eval()
@@ -395,7 +397,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=["tiny", "default", "paper"], help="build random-weight engines of this preset")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
     parser.add_argument("--backends", default="", help="comma list among torch, torch-cuda, torch-cuda-graphs (CUDA "
-                        "graphs + fp16), onnx, onnx-cached (dense: CNN outputs reused across windows), onnx-int8, "
+                        "graphs + fp16), onnx, onnx-cached (CNN outputs reused across windows), onnx-int8, "
                         "onnx-cached-int8 (dense: static int8 CNNs, cached), "
                         "tensorrt (default: all available)")
     parser.add_argument("--scopes", default="model,window", help="comma list among model,window")

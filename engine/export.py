@@ -3,8 +3,10 @@
     mmid export --run RUN --backend onnx|tensorrt --out ENGINE [--sparse-budget F ...] [--data DATA] [--int8]
 
 The folder holds model.onnx (dynamic batch, frames, chunks, tokens), engine.json,
-tokenizer.json and model.safetensors (for the torch backend); a dense model also
-as visual_cnn.onnx, audio_cnn.onnx and head.onnx (the cached backend). With --int8
+tokenizer.json and model.safetensors (for the torch backend); the model also split
+for the cached backend: a dense model as visual_cnn.onnx, audio_cnn.onnx, text.onnx
+and head.onnx, a sparse one as visual_low.onnx, audio_low.onnx, visual_sparse.onnx,
+audio_sparse.onnx, text.onnx and head.onnx (engine/backends/feature_cache.py). With --int8
 also model.int8.onnx (dynamic int8 MatMul/Gemm) and, dense, the CNN graphs in
 static int8 (engine/quantize.py: calibrated on --data's train split, checked for
 the same top-1 person on its test split, else random windows). With --backend
@@ -201,11 +203,11 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
         model.set_sparse_budget(budget)
         dims = dataclasses.replace(dims, sparse_budget=budget)
     export_onnx(model, out / "model.onnx")
-    split = None
-    if dims.name == "mme2e":  # per-frame CNN graphs + head: CNN outputs reused across overlapping windows
-        from engine.backends.feature_cache import SPLIT_FORMAT, export_split
+    # per-frame CNN graphs (sparse: low-level maps, then the sparse stages per guide) + text + head:
+    # what overlapping windows share is computed once (engine/backends/feature_cache.py)
+    from engine.backends.feature_cache import SPLIT_FORMAT, export_split
 
-        split = export_split(model, out)
+    split = export_split(model, out)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     info = {
@@ -236,7 +238,8 @@ def export_int8(out: Path, model: torch.nn.Module, split: dict | None, data: Int
     """Write the int8 graphs and compare them with the fp32 graph on ``data.check``."""
     from engine.backends.feature_cache import CachedOnnxBackend
     from engine.backends.onnx_backend import OnnxBackend
-    from engine.quantize import calibration_items, compare, fused_logits, quantize_dynamic_int8, write_split_int8
+    from engine.quantize import (calibration_items, compare, fused_logits, quantize_dynamic_int8, write_sparse_split_int8,
+                                 write_split_int8)
 
     quantize_dynamic_int8(out / "model.onnx", out / "model.int8.onnx")
     fp32 = fused_logits(OnnxBackend(out / "model.onnx"), data.check)
@@ -244,8 +247,12 @@ def export_int8(out: Path, model: torch.nn.Module, split: dict | None, data: Int
     check = {"split": data.split, "whole": compare(fp32, whole, data.labels)}
     info = {"int8_graph": "model.int8.onnx", "int8_check": check}
     if split:
-        info["split_int8_graphs"] = write_split_int8(out, *calibration_items(data.calibration))
-        cached = CachedOnnxBackend(out, info["split_int8_graphs"], capacity=1)  # capacity 1: no reuse across windows
+        if model.dims.name == "mme2e":
+            info["split_int8_graphs"] = write_split_int8(out, *calibration_items(data.calibration))
+        else:
+            info["split_int8_graphs"] = write_sparse_split_int8(out, data.calibration)
+        cached = CachedOnnxBackend(out, info["split_int8_graphs"], capacity=1,  # capacity 1: no reuse across windows
+                                   learned_guide=model.dims.sparse_guide == "learned")
         check["cached"] = compare(fp32, fused_logits(cached, data.check), data.labels)
     return info
 

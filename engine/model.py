@@ -152,6 +152,30 @@ class _MME2EBase(nn.Module):
         visual_cls = self.encode("visual", faces, face_mask, guide)  # (B, D)
         return self._heads(text_cls, audio_cls, visual_cls, present)
 
+    def text_features(self, text: Tensor, text_mask: Tensor) -> Tensor:
+        """Token ids (B, L), mask (B, L) -> the text encoder's CLS (B, Ht): a function of a
+        window's tokens alone, so windows with the same transcript may share it."""
+        text, text_mask = _at_least_one_token(text, text_mask)
+        return self.text(text, text_mask)
+
+    def forward_from_features(self, visual_emb: Tensor, face_mask: Tensor, audio_emb: Tensor, audio_mask: Tensor,
+                              text_cls: Tensor, text_present: Tensor) -> ModelOutput:
+        """``forward`` after the work that depends on one frame, chunk or transcript alone:
+        each frame's and chunk's ``frame_embedding`` (sparse model: ``sparse_embedding``) and
+        each window's ``text_features``.
+
+        visual_emb (B, F, trans_dim), audio_emb (B, C, trans_dim), any values where the
+        mask is False; text_cls (B, Ht), any values where text_present (B,) is False. In
+        the dense model these depend on their own input alone, so callers may compute
+        them once and reuse them in every window that holds the same frame, chunk or
+        transcript (engine/backends/feature_cache.py)."""
+        visual_emb, face_mask = _at_least_one_frame(visual_emb, face_mask)
+        audio_emb, audio_mask = _at_least_one_frame(audio_emb, audio_mask)
+        present = torch.stack([text_present, audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
+        audio_cls = self.audio_seq.attend(audio_emb, audio_mask)  # (B, D)
+        visual_cls = self.visual_seq.attend(visual_emb, face_mask)  # (B, D)
+        return self._heads(text_cls, audio_cls, visual_cls, present)
+
     def _heads(self, text_cls: Tensor, audio_cls: Tensor, visual_cls: Tensor, present: Tensor) -> ModelOutput:
         """CLS vectors (B, Ht), (B, D), (B, D), present (B, 3) -> per-modality logits,
         late fusion and the fused embedding."""
@@ -182,29 +206,6 @@ class MME2E(_MME2EBase):
         seq = self.audio_seq if modality == "audio" else self.visual_seq
         return seq.proj(self.frame_features(modality, x, None, None))
 
-    def text_features(self, text: Tensor, text_mask: Tensor) -> Tensor:
-        """Token ids (B, L), mask (B, L) -> the text encoder's CLS (B, Ht): a function of a
-        window's tokens alone, so windows with the same transcript may share it."""
-        text, text_mask = _at_least_one_token(text, text_mask)
-        return self.text(text, text_mask)
-
-    def forward_from_features(self, visual_emb: Tensor, face_mask: Tensor, audio_emb: Tensor, audio_mask: Tensor,
-                              text_cls: Tensor, text_present: Tensor) -> ModelOutput:
-        """``forward`` after the work that depends on one frame, chunk or transcript alone:
-        each frame's and chunk's ``frame_embedding`` and each window's ``text_features``.
-
-        visual_emb (B, F, trans_dim), audio_emb (B, C, trans_dim), any values where the
-        mask is False; text_cls (B, Ht), any values where text_present (B,) is False. In
-        the dense model these depend on their own input alone, so callers may compute
-        them once and reuse them in every window that holds the same frame, chunk or
-        transcript (engine/backends/feature_cache.py)."""
-        visual_emb, face_mask = _at_least_one_frame(visual_emb, face_mask)
-        audio_emb, audio_mask = _at_least_one_frame(audio_emb, audio_mask)
-        present = torch.stack([text_present, audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
-        audio_cls = self.audio_seq.attend(audio_emb, audio_mask)  # (B, D)
-        visual_cls = self.visual_seq.attend(visual_emb, face_mask)  # (B, D)
-        return self._heads(text_cls, audio_cls, visual_cls, present)
-
 
 class SparseCNN(nn.Module):
     """Dense low-level CNN, then one text-guided SparseStage per entry of stage_channels."""
@@ -221,7 +222,12 @@ class SparseCNN(nn.Module):
                 budget: Sequence[float] | None) -> tuple[Tensor, Tensor]:
         """x (N, Cin, H, W), mask (N,) real frames, guide (N, G) ->
         (features (N, flat), kept sites per frame and stage (N, n_stages))."""
-        x = self.low(x)  # (N, C0, H/2, W/2)
+        return self.sparse(self.low(x), mask, guide, threshold, budget)
+
+    def sparse(self, x: Tensor, mask: Tensor, guide: Tensor, threshold: float,
+               budget: Sequence[float] | None) -> tuple[Tensor, Tensor]:
+        """The sparse stages alone: the low-level map x (N, C0, H/2, W/2), mask (N,), guide
+        (N, G) -> (features (N, flat), kept sites per frame and stage (N, n_stages))."""
         active = mask[:, None, None].expand(-1, x.shape[2], x.shape[3])  # (N, H/2, W/2)
         kept = []
         for i, stage in enumerate(self.stages):
@@ -318,6 +324,24 @@ class MME2ESparse(_MME2EBase):
             swap = torch.rand(use_text.shape, device=guide.device) < self.guide_shuffle  # (B,)
             guide = torch.where(swap[:, None], guide.roll(1, 0), guide)
         return guide
+
+    def low_features(self, modality: str, x: Tensor) -> Tensor:
+        """One modality's frames or chunks x (N, Cin, H, W) -> their dense low-level maps
+        (N, stem_channels, H/2, W/2): the part of the sparse CNN that does not see the text,
+        so a frame's map may be reused with any guide."""
+        return (self.audio_cnn if modality == "audio" else self.visual_cnn).low(x)
+
+    def sparse_embedding(self, modality: str, low: Tensor, text_cls: Tensor, text_present: Tensor) -> Tensor:
+        """Low-level maps low (N, stem_channels, h, w) of N real frames or chunks, and the
+        text CLS (N, Ht) and text presence (N,) of the window each belongs to -> projected
+        CNN outputs (N, trans_dim): what the sparse model computes from a frame and its
+        window's guide (``text_guide``), for ``forward_from_features``."""
+        cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
+        seq = self.audio_seq if modality == "audio" else self.visual_seq
+        real = torch.ones_like(text_present[:, None], dtype=torch.bool).reshape(-1)  # (N,) every row is a real frame
+        feats, _ = cnn.sparse(low, real, self.text_guide(text_cls, text_present), self.dims.sparse_threshold,
+                              self.sparse_budget)
+        return seq.proj(feats)  # (N, trans_dim)
 
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn

@@ -6,7 +6,9 @@ Two kinds, by what runs fastest on a CPU without VNNI (measured, BENCHMARKS.md):
 - dense model, ``visual_cnn.int8.onnx`` and ``audio_cnn.int8.onnx``: the per-frame
   CNN graphs with static int8 convolutions (QDQ format: per-channel int8 weights,
   uint8 activations whose ranges come from calibration inputs), served with
-  ``head.onnx`` in fp32 by the cached backend. Static int8 halves the CNNs' time
+  ``head.onnx`` in fp32 by the cached backend; sparse model, the same for its
+  low-level graphs and its sparse-stage graphs (their gathered-convolution
+  matmuls). Static int8 halves the CNNs' time
   here; dynamic int8 did not speed up the text encoder's MatMuls at window sizes.
 
 Calibration inputs are real model inputs: with ``--data``, face frames and audio
@@ -28,10 +30,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from engine.backends.feature_cache import SPLIT_GRAPHS
+from engine.backends import numpy_inputs
+from engine.backends.feature_cache import SPARSE_SPLIT_GRAPHS, SPLIT_GRAPHS
 
+CNN_GRAPHS = ("visual", "audio", "visual_low", "audio_low")  # the split graphs that go int8
 # the CNN graphs in int8 beside the fp32 text graph and head: visual_cnn.int8.onnx, audio_cnn.int8.onnx, text.onnx, head.onnx
-SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in ("visual", "audio") else v for k, v in SPLIT_GRAPHS.items()}
+SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in CNN_GRAPHS else v for k, v in SPLIT_GRAPHS.items()}
+# sparse: the low-level and sparse-stage graphs in int8 (visual_low.int8.onnx, ..., visual_sparse.int8.onnx, ...)
+SPARSE_SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in CNN_GRAPHS else v
+                            for k, v in SPARSE_SPLIT_GRAPHS.items()}
 CALIBRATION_ITEMS = 256  # frames / chunks per CNN at most
 CALIBRATION_BATCH = 32
 
@@ -44,26 +51,32 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def quantize_static_int8(src: str | Path, dst: str | Path, items: np.ndarray) -> Path:
-    """Static QDQ int8 of a one-input graph (a CNN: items (N, ...) float32 as its input takes
-    them): per-channel int8 weights, uint8 activations calibrated (min/max) on ``items``."""
+def quantize_static_int8(src: str | Path, dst: str | Path, items: np.ndarray | list[dict[str, np.ndarray]],
+                         symbolic_shapes: bool = True) -> Path:
+    """Static QDQ int8 of a CNN graph: per-channel int8 weights, uint8 activations calibrated
+    (min/max) on ``items``: for a one-input graph its inputs (N, ...) float32, else a list
+    of feed dicts. ``symbolic_shapes`` False: ONNX shape inference only (ONNX Runtime's
+    symbolic inference fails on the sparse stages' data-dependent shapes)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     import onnx
 
-    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    if isinstance(items, np.ndarray):
+        name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+        items = [{name: np.ascontiguousarray(items[i: i + CALIBRATION_BATCH], dtype=np.float32)}
+                 for i in range(0, len(items), CALIBRATION_BATCH)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.chunks = iter(items[i: i + CALIBRATION_BATCH] for i in range(0, len(items), CALIBRATION_BATCH))
+            self.feeds = iter(items)
 
         def get_next(self) -> dict | None:
-            x = next(self.chunks, None)
-            return None if x is None else {name: np.ascontiguousarray(x, dtype=np.float32)}
+            return next(self.feeds, None)
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre))  # shape inference + graph clean-up, as the quantizer expects
+        # shape inference + graph clean-up, as the quantizer expects
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=not symbolic_shapes)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return Path(dst)
@@ -79,6 +92,36 @@ def write_split_int8(folder: str | Path, faces: np.ndarray, audio: np.ndarray) -
         quantize_static_int8(folder / SPLIT_GRAPHS[modality], folder / SPLIT_INT8_GRAPHS[modality],
                              items[:CALIBRATION_ITEMS])
     return dict(SPLIT_INT8_GRAPHS)
+
+
+def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, str]:
+    """Static int8 low-level and sparse-stage graphs beside a sparse engine folder's split
+    graphs, calibrated on the inputs they get from calibration Batches: the frames and
+    chunks for the low-level graphs, and for the sparse stages their fp32 low-level maps
+    with the text CLS of their window; -> SPARSE_SPLIT_INT8_GRAPHS."""
+    from engine.backends.feature_cache import CachedOnnxBackend
+
+    folder = Path(folder)
+    fp32 = CachedOnnxBackend(folder, SPARSE_SPLIT_GRAPHS, capacity=1)
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {k: [] for k in ("visual", "audio", "visual_low", "audio_low")}
+    for batch in batches:
+        x = numpy_inputs(batch)
+        text_cls, present, _ = fp32._text(x["text"], x["text_mask"], [""] * len(x["text"]))
+        for modality, items, mask in (("visual", x["faces"], x["face_mask"]), ("audio", x["audio"], x["audio_mask"])):
+            b, f = np.nonzero(mask)
+            for i in range(0, len(b), CALIBRATION_BATCH):
+                rows = slice(i, i + CALIBRATION_BATCH)
+                session = fp32.sessions[f"{modality}_low"]
+                inputs = {session.get_inputs()[0].name: np.ascontiguousarray(items[b[rows], f[rows]])}
+                feeds[f"{modality}_low"].append(inputs)
+                low = session.run(None, inputs)[0]
+                feeds[modality].append({"low": low, "text_cls": text_cls[b[rows]], "text_present": present[b[rows]]})
+    for key, items in feeds.items():
+        if not items:
+            raise ValueError("int8 calibration needs at least one face frame and one audio chunk")
+        quantize_static_int8(folder / SPARSE_SPLIT_GRAPHS[key], folder / SPARSE_SPLIT_INT8_GRAPHS[key],
+                             items[: max(1, CALIBRATION_ITEMS // CALIBRATION_BATCH)], symbolic_shapes=key.endswith("_low"))
+    return dict(SPARSE_SPLIT_INT8_GRAPHS)
 
 
 def calibration_items(batches: Iterable) -> tuple[np.ndarray, np.ndarray]:

@@ -101,7 +101,7 @@ class Engine:
              half: bool = False, feature_cache: int = 0) -> "Engine":
         """Load an engine folder (``mmid export``) or a run folder (torch backend).
         ``compile``, ``cuda_graphs`` and ``half`` (fp16 autocast) apply to the torch backend.
-        ``feature_cache`` > 0: the ONNX backend of a dense engine keeps that many CNN
+        ``feature_cache`` > 0: the ONNX backend of an engine with split graphs keeps that many CNN
         outputs per modality and reuses them for frames/chunks seen before
         (engine/backends/feature_cache.py; exact, so the outputs do not change)."""
         path = Path(path)
@@ -231,10 +231,11 @@ def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads:
             from engine.backends.feature_cache import CachedOnnxBackend
 
             if not int8:
-                return CachedOnnxBackend(path, info["split_graphs"], feature_cache, threads=threads)
+                return CachedOnnxBackend(path, info["split_graphs"], feature_cache, threads=threads,
+                                         learned_guide=dims.sparse_guide == "learned")
             _require_int8_top1(path, info, "cached", int8)
             return CachedOnnxBackend(path, info["split_int8_graphs"], feature_cache, threads=threads,
-                                     name="onnx-cached-int8")
+                                     name="onnx-cached-int8", learned_guide=dims.sparse_guide == "learned")
         graph = info.get("int8_graph") if int8 else info["graph"]
         if not graph:
             raise ValueError(f"{path} has no int8 graph: export with --int8")

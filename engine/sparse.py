@@ -2,17 +2,20 @@
 
 A sparse feature map is kept as ``rows`` (K, C), one row per active site, plus a
 ``Sites`` record of where each row sits on an (N, H, W) grid. A submanifold 3x3
-convolution scatters the rows into a zero-padded flat map, gathers the 9
-neighbours of every active site by index arithmetic and does one
-(K, 9*Cin) @ (9*Cin, Cout) matmul: outputs only at active sites, inputs only
-from active sites (inactive sites read as zero).
+convolution gathers the 9 neighbours of every active site through a rulebook
+(``Sites.neighbour_table``: each site's neighbour rows, found once per stage by
+index arithmetic on a padded grid) and does one (K, 9*Cin) @ (9*Cin, Cout)
+matmul: outputs only at active sites, inputs only from active sites (inactive
+sites read as zero).
 
 Two ways to choose sites (``select_sites``):
 - CDF rule (the paper): per frame, sort attention descending and keep the
   smallest set whose mass reaches ``threshold``; K varies (uses nonzero).
 - fixed budget: top-k per frame with a fixed k; K = N * k is static, which is
   what graph export needs. A chosen site that is not a candidate is carried
-  as an invalid row (zero, excluded from BatchNorm statistics and pooling).
+  as an invalid row: its convolutions read and write a scratch cell of an extra
+  grid frame that no valid site reads, and it is left out of BatchNorm
+  statistics and pooling, so its values never reach a valid output.
 """
 
 from __future__ import annotations
@@ -37,11 +40,32 @@ class Sites:
     w: int
 
     def padded_index(self) -> Tensor:
-        """(K,) indices into the flattened zero-padded (N, H+2, W+2) grid."""
+        """(K,) indices into the flattened zero-padded (N+1, H+2, W+2) grid; an invalid site's
+        row goes to the centre of the extra frame N (a scratch cell that no valid site reads)."""
         hw = self.h * self.w
         frame, rest = self.flat // hw, self.flat % hw
         y, x = rest // self.w, rest % self.w
-        return frame * ((self.h + 2) * (self.w + 2)) + (y + 1) * (self.w + 2) + (x + 1)
+        index = frame * ((self.h + 2) * (self.w + 2)) + (y + 1) * (self.w + 2) + (x + 1)
+        scratch = self.n * ((self.h + 2) * (self.w + 2)) + (self.w + 2) + 1
+        return torch.where(self.valid, index, torch.full_like(index, scratch))
+
+    def neighbour_table(self) -> Tensor:
+        """(K, 9) the row of each site's 3x3 neighbours (dy, dx in -1..1, row-major), K
+        where the neighbour is not an active site: a submanifold convolution's rulebook,
+        made once per stage and used by each of its convolutions. Invalid sites see only
+        each other (all share the scratch cell)."""
+        index = self.padded_index()  # (K,)
+        K, w2 = index.shape[0], self.w + 2
+        row = torch.arange(K, device=index.device)
+        slot = torch.full(((self.n + 1) * (self.h + 2) * w2,), K, dtype=row.dtype, device=index.device)
+        slot = slot.index_put((index,), row)  # ((N+1)*(H+2)*(W+2),) the row at each cell, K where none
+        step = torch.arange(-1, 2, device=index.device)  # (3,) built on the device: no host copy (CUDA graphs)
+        offsets = (step[:, None] * w2 + step[None, :]).reshape(9)  # (9,) dy * (W+2) + dx
+        return slot[index[:, None] + offsets[None, :]]  # (K, 9)
+
+    def scratch_flat(self) -> Tensor:
+        """(K,) indices into a flattened (N*H*W + 1) map: the site's own, N*H*W for an invalid site."""
+        return torch.where(self.valid, self.flat, torch.full_like(self.flat, self.n * self.h * self.w))
 
     def per_frame(self) -> Tensor:
         """(N,) number of valid sites of each frame."""
@@ -110,14 +134,12 @@ class SubmanifoldConv3x3(nn.Module):
         self.weight = nn.Parameter(torch.empty(cout, cin, 3, 3))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, rows: Tensor, sites: Sites, index: Tensor) -> Tensor:
-        """rows (K, Cin) with zeros at invalid sites, index = sites.padded_index() -> (K, Cout)."""
+    def forward(self, rows: Tensor, table: Tensor) -> Tensor:
+        """rows (K, Cin), table = sites.neighbour_table() (K, 9) -> (K, Cout): each site's
+        neighbours gathered (a zero row where there is none), one matmul."""
         K, cin = rows.shape
-        w2 = sites.w + 2
-        grid = rows.new_zeros(sites.n * (sites.h + 2) * w2, cin).index_put((index,), rows)  # (N*(H+2)*(W+2), Cin)
-        step = torch.arange(-1, 2, device=rows.device)  # (3,) built on the device: no host copy (CUDA graphs)
-        offsets = (step[:, None] * w2 + step[None, :]).reshape(9)  # (9,) dy * (W+2) + dx
-        neighbours = grid[index[:, None] + offsets[None, :]]  # (K, 9, Cin)
+        padded = torch.cat([rows, rows.new_zeros(1, cin)])  # (K+1, Cin): row K reads as zero
+        neighbours = padded[table]  # (K, 9, Cin)
         weight = self.weight.permute(2, 3, 1, 0).reshape(9 * cin, -1)  # (9*Cin, Cout)
         return neighbours.reshape(K, 9 * cin) @ weight  # (K, Cout)
 
@@ -155,9 +177,9 @@ class SparseConvBlock(nn.Module):
         self.conv = SubmanifoldConv3x3(cin, cout)
         self.norm = SparseBatchNorm(cout)
 
-    def forward(self, rows: Tensor, sites: Sites, index: Tensor) -> Tensor:
-        y = torch.relu(self.norm(self.conv(rows, sites, index), sites.valid))
-        return torch.where(sites.valid[:, None], y, torch.zeros_like(y))  # invalid rows stay zero
+    def forward(self, rows: Tensor, table: Tensor, valid: Tensor) -> Tensor:
+        """rows (K, Cin), table (K, 9), valid (K,) -> (K, Cout)."""
+        return torch.relu(self.norm(self.conv(rows, table), valid))
 
 
 def sparse_max_pool(rows: Tensor, sites: Sites) -> tuple[Tensor, Tensor]:
@@ -165,12 +187,14 @@ def sparse_max_pool(rows: Tensor, sites: Sites) -> tuple[Tensor, Tensor]:
     at inactive outputs, active (N, H/2, W/2) bool). An output is active when any of
     its inputs is; its value is the max over its active inputs only."""
     C = rows.shape[1]
-    fill = torch.where(sites.valid[:, None], rows, torch.full_like(rows, float("-inf")))
-    dense = rows.new_full((sites.n * sites.h * sites.w, C), float("-inf")).index_put((sites.flat,), fill)
+    size = sites.n * sites.h * sites.w
+    flat = sites.scratch_flat()  # (K,) invalid rows -> the extra last row, dropped below
+    dense = rows.new_full((size + 1, C), float("-inf")).index_put((flat,), rows)[:size]
     dense = dense.view(sites.n, sites.h, sites.w, C).permute(0, 3, 1, 2)  # (N, C, H, W)
     pooled = F.max_pool2d(dense, 2)  # (N, C, H/2, W/2)
-    occupied = torch.zeros(sites.n * sites.h * sites.w, device=rows.device).index_put((sites.flat,), sites.valid.float())
-    active = F.max_pool2d(occupied.view(sites.n, 1, sites.h, sites.w), 2)[:, 0] > 0  # (N, H/2, W/2)
+    # (N, H/2, W/2): rows are finite, so only a window without active inputs keeps the fill (-inf
+    # here; ONNX Runtime's MaxPool starts from the lowest finite float and returns that)
+    active = pooled[:, 0] > torch.finfo(pooled.dtype).min
     return torch.where(active[:, None], pooled, torch.zeros_like(pooled)), active
 
 
@@ -215,13 +239,14 @@ class SparseStage(nn.Module):
         logp, sites = select_sites(self.attention(x, guide), candidates.flatten(1), H, W, threshold, budget)
         if self.training:
             self.last_entropy = attention_entropy(logp, candidates.flatten(1))
-        chosen = logp.flatten()[sites.flat]  # (K,)
-        chosen = torch.where(sites.valid, chosen, torch.zeros_like(chosen))  # invalid sites may be -inf
-        gate = torch.exp(chosen - chosen.detach())  # (K,) all ones
         rows = x.permute(0, 2, 3, 1).reshape(N * H * W, C)[sites.flat]  # (K, C)
-        rows = torch.where(sites.valid[:, None], rows * gate[:, None].type(rows.dtype), torch.zeros_like(rows))
-        index = sites.padded_index()
+        if torch.is_grad_enabled():  # the gate is exactly 1: only its gradient matters
+            chosen = logp.flatten()[sites.flat]  # (K,)
+            chosen = torch.where(sites.valid, chosen, torch.zeros_like(chosen))  # invalid sites may be -inf
+            gate = torch.exp(chosen - chosen.detach())  # (K,) all ones
+            rows = rows * gate[:, None].type(rows.dtype)
+        table = sites.neighbour_table()  # (K, 9)
         for block in self.blocks:
-            rows = block(rows, sites, index)
+            rows = block(rows, table, sites.valid)
         pooled, active = sparse_max_pool(rows, sites)
         return pooled, active, sites.per_frame()

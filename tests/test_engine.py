@@ -108,11 +108,12 @@ def test_backend_matches_pytorch(engines, name, backend):
         _assert_close(engine.run(batch), _reference(model, batch))
 
 
-def test_cached_backend_matches_pytorch(engines):
-    """Dense engine with its CNN and text outputs cached: same outputs as the model, on
-    first sight (misses) and on the second call with the same inputs (every real frame,
-    chunk and transcript hits)."""
-    model, folder = engines["mme2e"]
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+def test_cached_backend_matches_pytorch(engines, name):
+    """Engine with its CNN and text outputs cached: same outputs as the model, on first
+    sight (misses) and on the second call with the same inputs (every real frame, chunk
+    and transcript hits; sparse: every (frame, guide) pair)."""
+    model, folder = engines[name]
     engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
     assert engine.backend_name == "onnx-cached"
     for i, shape in enumerate(SHAPES):
@@ -187,13 +188,70 @@ def test_cached_backend_shares_nothing_between_sources(engines):
         assert engine.backend.stats()["visual"]["hits"] - before == hits, ids
 
 
-def test_feature_cache_needs_the_dense_split_graphs(engines):
-    """The sparse model's CNN outputs depend on the transcript: its engine has no split
-    graphs and serves with the whole graph whatever feature_cache says."""
-    _, folder = engines["mme2e_sparse"]
-    assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx"
-    _, folder = engines["mme2e"]
-    assert Engine.load(folder, backend="onnx", threads=1, feature_cache=0).backend_name == "onnx"
+def _full_windows(dims, B: int, n: int, L: int, seed: int) -> Batch:
+    batch = random_batch(dims, B, n, n, L, seed=seed, absent=False)
+    full = torch.ones(B, n, dtype=torch.bool)
+    return dataclasses.replace(batch, face_mask=full, audio_mask=full, text_mask=torch.ones(B, L, dtype=torch.bool))
+
+
+def test_sparse_cached_backend_reuses_frames_by_guide(engines):
+    """Sparse engine: window 2 holds the last three frames and chunks of window 1. With
+    window 1's transcript, their sparse rows hit; with another transcript only their
+    low-level maps do (the sparse stages run again under the new guide); without text
+    they run under the no-text query. Every answer equals the model's."""
+    model, folder = engines["mme2e_sparse"]
+    engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
+    assert engine.backend_name == "onnx-cached"
+    first = _full_windows(model.dims, 2, 5, 6, seed=7)
+
+    def second_window(same_text: bool, text: bool = True) -> Batch:
+        batch = _full_windows(model.dims, 2, 5, 6, seed=8)
+        batch.faces[1, :3], batch.audio[1, :3] = first.faces[0, 2:], first.audio[0, 2:]
+        if same_text:
+            batch.text[1] = first.text[0]
+        if not text:
+            batch.text_mask[1] = False
+        return batch
+
+    for same_text, text, pair_hits, low_hits in ((True, True, 3, 0), (False, True, 0, 3), (False, False, 0, 3)):
+        engine.backend.clear()
+        engine.run(first)
+        batch = second_window(same_text, text)
+        before = engine.backend.stats()
+        _assert_close(engine.run(batch), _reference(model, batch))
+        after = engine.backend.stats()
+        for m in ("visual", "audio"):
+            assert after[m]["hits"] - before[m]["hits"] == pair_hits, (same_text, text, m)
+            assert after[m]["misses"] - before[m]["misses"] == 10 - pair_hits, (same_text, text, m)
+            assert after[f"{m}_low"]["hits"] - before[f"{m}_low"]["hits"] == low_hits, (same_text, text, m)
+
+
+def test_sparse_cached_backend_learned_guide_ignores_the_transcript(tmp_path, tokenizer_file):
+    """model.sparse_guide = "learned": a frame's sparse row does not depend on its window's
+    transcript, so it hits whatever the transcript, and answers equal the model's."""
+    torch.manual_seed(6)
+    dims = dataclasses.replace(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=400), sparse_guide="learned")
+    model = build_model(dims).eval()
+    with torch.no_grad():
+        model.null_guide.normal_()
+    export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, tmp_path,
+                  sparse_budget=BUDGET)
+    engine = Engine.load(tmp_path, backend="onnx", threads=2, feature_cache=64)
+    first = _full_windows(dims, 1, 4, 5, seed=1)
+    _assert_close(engine.run(first), _reference(model, first))
+    second = dataclasses.replace(first, text=(first.text + 1) % dims.text_vocab)  # same frames, another transcript
+    before = engine.backend.stats()
+    _assert_close(engine.run(second), _reference(model, second))
+    after = engine.backend.stats()
+    assert all(after[m]["hits"] - before[m]["hits"] == 4 for m in ("visual", "audio"))
+    assert after["text"]["misses"] - before["text"]["misses"] == 1
+
+
+def test_feature_cache_off_serves_the_whole_graph(engines):
+    for name in ("mme2e", "mme2e_sparse"):
+        _, folder = engines[name]
+        assert Engine.load(folder, backend="onnx", threads=1, feature_cache=0).backend_name == "onnx"
+        assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx-cached"
 
 
 def test_split_graphs_of_an_older_format_are_not_used(engines, tmp_path):
@@ -251,14 +309,17 @@ def test_int8_served_only_when_top1_holds(engines, name):
             Engine.load(folder, "onnx", int8=True)
 
 
-def test_int8_cnn_graphs_serve_through_the_cache(engines):
-    """Dense: static int8 CNN graphs + the fp32 head, behind the same feature cache; close to
-    fp32 (they are quantised, not equal), served only when the top-1 check held."""
-    model, folder = engines["mme2e"]
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+def test_int8_cnn_graphs_serve_through_the_cache(engines, name):
+    """Static int8 CNN graphs (sparse: low-level and sparse-stage graphs) + the fp32 text
+    graph and head, behind the same feature cache; close to fp32 (they are quantised, not
+    equal), served only when the top-1 check held."""
+    model, folder = engines[name]
     info = json.loads((folder / "engine.json").read_text())
     assert set(info["split_int8_graphs"].values()) <= {p.name for p in folder.iterdir()}
-    graph = onnx.load(str(folder / info["split_int8_graphs"]["visual"]))
-    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)  # really int8 convolutions
+    for key in ("visual", "audio", "visual_low", "audio_low") if name == "mme2e_sparse" else ("visual", "audio"):
+        graph = onnx.load(str(folder / info["split_int8_graphs"][key]))
+        assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node), key  # really int8 convolutions
     batch = random_batch(model.dims, 8, 6, 8, 14, seed=3)
     fp32 = _reference(model, batch)
     engine = Engine.load(folder, "onnx", int8="force", feature_cache=64)
@@ -396,10 +457,9 @@ def test_engine_folder_contents(engines):
         assert info["dims"]["name"] == name and info["persons"] == [f"p{i}" for i in range(N_PERSONS)]
         assert FeatureParams.from_dict(info["features"]) == FeatureParams()
         assert {"torch", "onnx", "onnxruntime", "tensorrt"} <= set(info["versions"])
-        if name == "mme2e":
-            assert set(info["split_graphs"].values()) <= files
-        else:
-            assert info["split_graphs"] is None
+        assert set(info["split_graphs"].values()) <= files
+        low = {"visual_low.onnx", "audio_low.onnx"}
+        assert low <= files if name == "mme2e_sparse" else not low & files
 
 
 # ---------------------------------------------------------------- TensorRT
@@ -517,7 +577,7 @@ def test_bench_json_rows(engines, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert {(r["model"], r["backend"], r["scope"], r["batch"]) for r in rows} == {
         (m, "onnx", s, b) for m in ("mme2e", "mme2e_sparse") for s in ("model", "window") for b in (1, 2)
-    } | {("mme2e", "onnx-cached", "window", b) for b in (1, 2)}
+    } | {(m, "onnx-cached", "window", b) for m in ("mme2e", "mme2e_sparse") for b in (1, 2)}
     for r in rows:
         assert r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"] and r["windows_per_s"] > 0
 

@@ -25,8 +25,22 @@ rounding of a different padding). Keys are scoped by the batch's sample ids
 replayed as two sources shares nothing, as two real cameras never would. Audio
 chunks hit when windows cut them on the stream's grid
 (``engine.features.grid_mel_chunks``, given each window's ``audio_offset``),
-whatever the hop. The sparse model cannot be split this way: its sites are chosen
-by attention guided by each window's transcript.
+whatever the hop.
+
+The sparse model's sites are chosen by attention guided by each window's
+transcript, so its CNN output is a function of a frame and a guide. Its engine
+folder splits the CNN where the guide enters:
+
+    visual_low.onnx     faces (N, 3, S, S)          -> low (N, C0, S/2, S/2)
+    audio_low.onnx      audio (N, 1, n_mels, frames) -> low (N, C0, n_mels/2, frames/2)
+    visual_sparse.onnx  low, text_cls (N, Ht), text_present (N,) -> visual_feats (N, trans_dim)
+    audio_sparse.onnx   the same for chunks          -> audio_feats (N, trans_dim)
+
+(the fixed-budget sparse stages and the projection; the guide is the transcript's
+CLS, or the learned no-text query), with text.onnx and head.onnx as above. A
+frame's low-level map is computed once; its sparse stages once per transcript it
+is seen with. Overlapping windows mostly share their transcript with a neighbour,
+so most of a window's frames and chunks come with a guide seen before.
 """
 
 from __future__ import annotations
@@ -45,6 +59,12 @@ from torch import nn
 from engine.backends import GRAPH_OUTPUT_NAMES, numpy_inputs, outputs_dict
 
 SPLIT_GRAPHS = {"visual": "visual_cnn.onnx", "audio": "audio_cnn.onnx", "text": "text.onnx", "head": "head.onnx"}
+# the sparse model: low-level maps per frame/chunk, then the sparse stages per (frame/chunk, guide)
+SPARSE_SPLIT_GRAPHS = {"visual_low": "visual_low.onnx", "audio_low": "audio_low.onnx", "visual": "visual_sparse.onnx",
+                       "audio": "audio_sparse.onnx", "text": "text.onnx", "head": "head.onnx"}
+# low-level maps kept per modality (paper sizes: 144 KB per face, 256 KB per audio chunk);
+# overlapping windows of a stream reuse a map for about 3 s (~2.5 chunks and 2 frames per s)
+LOW_MAP_ROWS = 128
 # 3: a text graph of its own, the head takes its CLS; 2: the text encoder inside the head;
 # 1: CNN graphs without the projection to trans_dim
 SPLIT_FORMAT = 3
@@ -61,6 +81,24 @@ class _CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.frame_embedding(self.modality, x)  # (N, trans_dim)
+
+
+class _Low(nn.Module):
+    def __init__(self, model: nn.Module, modality: str):
+        super().__init__()
+        self.model, self.modality = model, modality
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.low_features(self.modality, x)  # (N, stem_channels, H/2, W/2)
+
+
+class _Sparse(nn.Module):
+    def __init__(self, model: nn.Module, modality: str):
+        super().__init__()
+        self.model, self.modality = model, modality
+
+    def forward(self, low: torch.Tensor, text_cls: torch.Tensor, text_present: torch.Tensor) -> torch.Tensor:
+        return self.model.sparse_embedding(self.modality, low, text_cls, text_present)  # (N, trans_dim)
 
 
 class _Text(nn.Module):
@@ -91,18 +129,29 @@ def _export(module: nn.Module, args: tuple, shapes: dict, inputs: list[str], out
 
 
 def export_split(model: nn.Module, folder: str | Path) -> dict[str, str]:
-    """Write the four graphs of a dense model (eval mode) into ``folder``; -> SPLIT_GRAPHS."""
-    if model.dims.name != "mme2e":
-        raise ValueError("only the dense model splits into per-frame CNNs and a head (sparse sites depend on the text)")
+    """Write the split graphs of a model (eval mode; a sparse model in fixed-budget mode)
+    into ``folder``; -> SPLIT_GRAPHS (dense) or SPARSE_SPLIT_GRAPHS (sparse)."""
     folder = Path(folder)
     model = model.eval()
     d = model.dims
+    sparse = d.name == "mme2e_sparse"
+    if sparse and model.sparse_budget is None:
+        raise ValueError("the sparse model's split graphs need a fixed sparse budget (set_sparse_budget)")
+    graphs = SPARSE_SPLIT_GRAPHS if sparse else SPLIT_GRAPHS
     g = torch.Generator().manual_seed(0)
     n = torch.export.Dim("n", min=1, max=1 << 16)
     faces = torch.randn(3, 3, d.face_size, d.face_size, generator=g)
     audio = torch.randn(3, 1, d.n_mels, d.chunk_frames, generator=g)
-    _export(_CNN(model, "visual"), (faces,), {"x": {0: n}}, ["faces"], ["visual_feats"], folder / SPLIT_GRAPHS["visual"])
-    _export(_CNN(model, "audio"), (audio,), {"x": {0: n}}, ["audio"], ["audio_feats"], folder / SPLIT_GRAPHS["audio"])
+    for modality, x, name in (("visual", faces, "faces"), ("audio", audio, "audio")):
+        if not sparse:
+            _export(_CNN(model, modality), (x,), {"x": {0: n}}, [name], [f"{modality}_feats"], folder / graphs[modality])
+            continue
+        _export(_Low(model, modality), (x,), {"x": {0: n}}, [name], ["low"], folder / graphs[f"{modality}_low"])
+        with torch.no_grad():
+            low = model.low_features(modality, x)  # (3, stem_channels, h, w)
+        guide = (torch.randn(3, d.text_hidden, generator=g), torch.tensor([True, False, True]))
+        _export(_Sparse(model, modality), (low, *guide), {"low": {0: n}, "text_cls": {0: n}, "text_present": {0: n}},
+                ["low", "text_cls", "text_present"], [f"{modality}_feats"], folder / graphs[modality])
     B, F, C, L = 2, 3, 4, 5  # >= 2: size-1 examples get specialised
     axes = {
         "batch": torch.export.Dim("batch", min=1, max=4096), "frames": torch.export.Dim("frames", min=1, max=4096),
@@ -117,8 +166,8 @@ def export_split(model: nn.Module, folder: str | Path) -> dict[str, str]:
                torch.randn(B, C, d.trans_dim, generator=g), torch.ones(B, C, dtype=torch.bool),
                text_cls, torch.ones(B, dtype=torch.bool))
     shapes = {name: {i: axes[a] for i, a in enumerate(names)} for name, names in HEAD_AXES.items()}  # _Head.forward's parameters
-    _export(_Head(model), example, shapes, list(HEAD_INPUTS), list(GRAPH_OUTPUT_NAMES), folder / SPLIT_GRAPHS["head"])
-    return dict(SPLIT_GRAPHS)
+    _export(_Head(model), example, shapes, list(HEAD_INPUTS), list(GRAPH_OUTPUT_NAMES), folder / graphs["head"])
+    return dict(graphs)
 
 
 class FeatureCache:
@@ -160,21 +209,31 @@ def digest(item: np.ndarray, scope: str = "") -> bytes:
 
 
 class CachedOnnxBackend:
-    """The split graphs of a dense engine folder, with a FeatureCache per modality."""
+    """The split graphs of an engine folder, with a FeatureCache per modality.
+
+    Dense model: a frame's or chunk's row is keyed by its input alone. Sparse model:
+    its low-level map by its input alone (a cache of LOW_MAP_ROWS maps), its row by
+    its input and its window's guide (the transcript's tokens, "no text", or, with
+    ``learned_guide``, one learned query for every window), so windows that share a
+    frame and a transcript share the sparse stages' work too."""
 
     def __init__(self, folder: str | Path, graphs: dict[str, str], capacity: int, threads: int = 0, device: str = "cpu",
-                 name: str = "onnx-cached"):
+                 name: str = "onnx-cached", learned_guide: bool = False):
         from engine.backends.onnx_backend import OnnxBackend
 
         folder = Path(folder)
-        self.sessions = {k: OnnxBackend(folder / graphs[k], threads, device).session for k in SPLIT_GRAPHS}
+        self.sessions = {k: OnnxBackend(folder / graph, threads, device).session for k, graph in graphs.items()}
+        self.sparse = "visual_low" in graphs
+        self.learned_guide = learned_guide
         self.caches = {k: FeatureCache(capacity) for k in ("visual", "audio", "text")}
+        if self.sparse:
+            self.caches.update({f"{m}_low": FeatureCache(min(capacity, LOW_MAP_ROWS)) for m in ("visual", "audio")})
         self.name, self.device, self.path = name, device, folder
 
-    def _run_new(self, modality: str, keys: list[bytes | None], inputs) -> list[np.ndarray | None]:
-        """One row per key (None: no input, no row): cached rows, and one graph call on
-        ``inputs(indices)`` for the first index of every key not seen yet."""
-        cache = self.caches[modality]
+    def _run_new(self, cache_name: str, keys: list[bytes | None], inputs) -> list[np.ndarray | None]:
+        """One row per key (None: no input, no row): cached rows, and one call of the graph
+        ``cache_name`` on ``inputs(indices)`` for the first index of every key not seen yet."""
+        cache = self.caches[cache_name]
         rows: list[np.ndarray | None] = [None] * len(keys)
         todo: dict[bytes, list[int]] = {}
         for i, key in enumerate(keys):
@@ -189,7 +248,7 @@ class CachedOnnxBackend:
         cache.hits += sum(k is not None for k in keys) - len(todo)
         if todo:
             feeds = inputs([places[0] for places in todo.values()])
-            out = self.sessions[modality].run(None, feeds)[0]  # (N, width): one call for every new item
+            out = self.sessions[cache_name].run(None, feeds)[0]  # (N, ...): one call for every new item
             for (key, places), row in zip(todo.items(), out):
                 row = row.copy()  # a row of its own: the call's output array is not kept alive
                 cache.put(key, row)
@@ -197,29 +256,55 @@ class CachedOnnxBackend:
                     rows[i] = row
         return rows
 
-    def _features(self, modality: str, items: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> np.ndarray:
+    def _features(self, modality: str, items: np.ndarray, mask: np.ndarray, scopes: Sequence[str],
+                  guide: tuple[np.ndarray, np.ndarray, list[bytes]] | None = None) -> np.ndarray:
         """items (B, F, ...) float32, mask (B, F), scopes (B,) -> (B, F, width): cached rows, the
-        CNN graph run once on the real items not seen yet in their scope; zeros where the
-        mask is False."""
+        graphs run once on the real items not seen yet in their scope; zeros where the mask
+        is False. ``guide`` (sparse model): the windows' text_cls (B, Ht), text_present (B,)
+        and guide keys."""
         session = self.sessions[modality]
         B, F = mask.shape
         places = list(zip(*np.nonzero(mask)))
         keys = [digest(items[b, f], scopes[b]) for b, f in places]
-        name = session.get_inputs()[0].name
-        rows = self._run_new(modality, keys, lambda idx: {name: np.stack([items[places[i]] for i in idx])})
+        if not self.sparse:
+            name = session.get_inputs()[0].name
+            rows = self._run_new(modality, keys, lambda idx: {name: np.stack([items[places[i]] for i in idx])})
+        else:
+            text_cls, present, guide_keys = guide
+            low_name = self.sessions[f"{modality}_low"].get_inputs()[0].name
+
+            def inputs(idx: list[int]) -> dict[str, np.ndarray]:  # idx: places of the new (item, guide) pairs
+                lows = self._run_new(f"{modality}_low", [keys[i] for i in idx],
+                                     lambda sub: {low_name: np.stack([items[places[idx[j]]] for j in sub])})
+                windows = [places[i][0] for i in idx]
+                return {"low": np.stack(lows), "text_cls": text_cls[windows], "text_present": present[windows]}
+
+            rows = self._run_new(modality, [k + guide_keys[b] for k, (b, _) in zip(keys, places)], inputs)
         out = np.zeros((B, F, session.get_outputs()[0].shape[1]), dtype=np.float32)
         for (b, f), row in zip(places, rows):
             out[b, f] = row
         return out
 
-    def _text(self, text: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """text (B, L) int64, mask (B, L) -> text_cls (B, Ht), text_present (B,): the text
+    @staticmethod
+    def _transcripts(text: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> tuple[list, list, np.ndarray]:
+        """text (B, L), mask (B, L) -> each window's tokens without padding, its key (None
+        without tokens) and text_present (B,)."""
+        present = mask.any(axis=1)
+        tokens = [text[b][mask[b]] for b in range(len(text))]
+        return tokens, [digest(t, scopes[b]) if present[b] else None for b, t in enumerate(tokens)], present
+
+    def _guide_keys(self, text_keys: list[bytes | None]) -> list[bytes]:
+        """Key of each window's sparse guide: the learned query, "no text", or its transcript's."""
+        if self.learned_guide:
+            return [b"learned"] * len(text_keys)
+        return [b"none" if k is None else k for k in text_keys]
+
+    def _text(self, text: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list]:
+        """text (B, L) int64, mask (B, L) -> text_cls (B, Ht), text_present (B,), keys: the text
         graph run once per transcript not seen yet in its scope (keyed by its tokens
         without padding; the new ones padded to their own longest); zeros where a window
         has no tokens."""
-        present = mask.any(axis=1)
-        tokens = [text[b][mask[b]] for b in range(len(text))]
-        keys = [digest(t, scopes[b]) if present[b] else None for b, t in enumerate(tokens)]
+        tokens, keys, present = self._transcripts(text, mask, scopes)
 
         def inputs(idx: list[int]) -> dict[str, np.ndarray]:
             L = max(len(tokens[i]) for i in idx)
@@ -231,24 +316,28 @@ class CachedOnnxBackend:
 
         rows = self._run_new("text", keys, inputs)
         width = self.sessions["text"].get_outputs()[0].shape[1]
-        return np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows]), present
+        return np.stack([r if r is not None else np.zeros(width, np.float32) for r in rows]), present, keys
 
     def _audio_and_text(self, batch) -> dict[str, np.ndarray]:
         """The head's audio and text feeds of a batch (cached rows, new ones computed)."""
         x = numpy_inputs(batch, ("audio", "audio_mask", "text", "text_mask"))
         scopes = _scopes(batch, x["audio_mask"].shape[0])
-        text_cls, text_present = self._text(x["text"], x["text_mask"], scopes)
-        return {"audio_feats": self._features("audio", x["audio"], x["audio_mask"], scopes), "audio_mask": x["audio_mask"],
-                "text_cls": text_cls, "text_present": text_present}
+        text_cls, text_present, keys = self._text(x["text"], x["text_mask"], scopes)
+        guide = (text_cls, text_present, self._guide_keys(keys)) if self.sparse else None
+        return {"audio_feats": self._features("audio", x["audio"], x["audio_mask"], scopes, guide),
+                "audio_mask": x["audio_mask"], "text_cls": text_cls, "text_present": text_present}
 
     def run(self, batch, prefetched: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Batch -> outputs; ``prefetched``: what ``prefetch`` returned for the same windows."""
-        x = numpy_inputs(batch, ("faces", "face_mask"))
+        x = numpy_inputs(batch, ("faces", "face_mask", "text", "text_mask"))
         faces, face_mask = x["faces"], x["face_mask"]
-        feeds = {
-            "visual_feats": self._features("visual", faces, face_mask, _scopes(batch, face_mask.shape[0])),
-            "face_mask": face_mask, **(prefetched if prefetched is not None else self._audio_and_text(batch)),
-        }
+        scopes = _scopes(batch, face_mask.shape[0])
+        rest = prefetched if prefetched is not None else self._audio_and_text(batch)
+        guide = None
+        if self.sparse:
+            keys = self._guide_keys(self._transcripts(x["text"], x["text_mask"], scopes)[1])
+            guide = (rest["text_cls"], rest["text_present"], keys)
+        feeds = {"visual_feats": self._features("visual", faces, face_mask, scopes, guide), "face_mask": face_mask, **rest}
         return outputs_dict(self.sessions["head"].run(list(GRAPH_OUTPUT_NAMES), feeds))
 
     def prefetch(self, batch) -> dict[str, np.ndarray]:
