@@ -75,9 +75,13 @@ def make_tokenizer(path: Path) -> Path:
 
 
 def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS, int8: bool = True,
-                  sparse_budget: tuple[float, ...] | None = None, seed: int = 0, corpus: Path | None = None) -> Path:
+                  sparse_budget: tuple[float, ...] | None = None, seed: int = 0, corpus: Path | None = None,
+                  sparse_guide: str = "text") -> Path:
     """Export a random-weight model of ``preset`` to ``out`` (reused when already there). Its
-    int8 graphs are calibrated on the bench stream's windows."""
+    int8 graphs are calibrated on the bench stream's windows. ``sparse_guide``: the sparse
+    model's ``ModelDims.sparse_guide``."""
+    import dataclasses
+
     from engine.backends.feature_cache import SPLIT_FORMAT
     from engine.dims import preset_dims
     from engine.export import export_engine
@@ -90,7 +94,8 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
         if info.get("split_format") == SPLIT_FORMAT and (name != "mme2e" or info.get("split_int8_graphs") or not int8):
             return out
     torch.manual_seed(seed)
-    model = build_model(preset_dims(preset, name, n_persons)).eval()
+    dims = preset_dims(preset, name, n_persons)
+    model = build_model(dataclasses.replace(dims, sparse_guide=sparse_guide) if name == "mme2e_sparse" else dims).eval()
     tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
     persons = [f"person{i}" for i in range(n_persons)]
     data = stream_int8_inputs(model, tokenizer, corpus) if int8 else None
@@ -120,7 +125,7 @@ def stream_int8_inputs(model, tokenizer: Path, corpus: Path | None, windows: int
 
 
 def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS,
-               sparse_budget: tuple[float, ...] | None = None, seed: int = 0) -> Path:
+               sparse_budget: tuple[float, ...] | None = None, seed: int = 0, sparse_guide: str = "text") -> Path:
     """A random-weight run folder of ``preset`` (weights + model.json + tokenizer): what the
     torch backends load, without the ONNX export (reused when already there)."""
     import dataclasses
@@ -133,8 +138,8 @@ def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS
     if (out / "model.json").exists():
         return out
     dims = preset_dims(preset, name, n_persons)
-    if name == "mme2e_sparse" and sparse_budget:
-        dims = dataclasses.replace(dims, sparse_budget=tuple(sparse_budget))
+    if name == "mme2e_sparse":
+        dims = dataclasses.replace(dims, sparse_budget=tuple(sparse_budget or ()), sparse_guide=sparse_guide)
     torch.manual_seed(seed)
     model = build_model(dims).eval()
     tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
@@ -405,6 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the targets are for 2)")
     parser.add_argument("--iters", type=int, default=0, help="timed calls per row (0: 20 at batch 1, fewer when larger)")
     parser.add_argument("--sparse-budget", type=float, nargs="+", help="sparse export budget for --preset engines")
+    parser.add_argument("--sparse-guide", choices=["text", "learned"], default="text",
+                        help="what queries the sparse stages of --preset engines (model.sparse_guide)")
     parser.add_argument("--corpus", type=Path, help="synthetic corpus folder for real face frames (mmid synth)")
     parser.add_argument("--peer", action="store_true", help="also time benchmarks/peer.py (the original MME2E workload)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -452,12 +459,14 @@ def run(args: argparse.Namespace, cfg) -> int:
         torch_only = bool(wanted) and all(b in TORCH_BACKENDS for b in wanted)  # no ONNX export needed
         for name in ("mme2e", "mme2e_sparse"):
             tag = "" if budget is None or name == "mme2e" else "-" + "-".join(map(str, budget))
+            tag += "-learned" if args.sparse_guide == "learned" and name == "mme2e_sparse" else ""
             if torch_only:
                 run_budget = budget or (DEFAULT_RUN_BUDGET if name == "mme2e_sparse" else None)
-                engines.append(random_run(preset, name, args.cache_dir / f"{preset}-{name}{tag}-run", sparse_budget=run_budget))
+                engines.append(random_run(preset, name, args.cache_dir / f"{preset}-{name}{tag}-run", sparse_budget=run_budget,
+                                          sparse_guide=args.sparse_guide))
             else:
                 engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget,
-                                             corpus=args.corpus))
+                                             corpus=args.corpus, sparse_guide=args.sparse_guide))
     batches = [int(b) for b in args.batches.split(",")]
     scopes = args.scopes.split(",")
     rows = []
