@@ -166,9 +166,10 @@ class _MME2EBase(nn.Module):
 
         visual_emb (B, F, trans_dim), audio_emb (B, C, trans_dim), any values where the
         mask is False; text_cls (B, Ht), any values where text_present (B,) is False. In
-        the dense model these depend on their own input alone, so callers may compute
-        them once and reuse them in every window that holds the same frame, chunk or
-        transcript (engine/backends/feature_cache.py)."""
+        the dense model these depend on their own input alone, in the sparse model on
+        their own input and their window's guide, so callers may compute them once and
+        reuse them in every window that holds the same frame, chunk or transcript
+        (engine/backends/feature_cache.py)."""
         visual_emb, face_mask = _at_least_one_frame(visual_emb, face_mask)
         audio_emb, audio_mask = _at_least_one_frame(audio_emb, audio_mask)
         present = torch.stack([text_present, audio_mask.any(1), face_mask.any(1)], dim=1)  # (B, 3)
@@ -338,7 +339,7 @@ class MME2ESparse(_MME2EBase):
         window's guide (``text_guide``), for ``forward_from_features``."""
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
         seq = self.audio_seq if modality == "audio" else self.visual_seq
-        real = torch.ones_like(text_present[:, None], dtype=torch.bool).reshape(-1)  # (N,) every row is a real frame
+        real = torch.ones_like(text_present, dtype=torch.bool)  # (N,) every row is a real frame
         feats, _ = cnn.sparse(low, real, self.text_guide(text_cls, text_present), self.dims.sparse_threshold,
                               self.sparse_budget)
         return seq.proj(feats)  # (N, trans_dim)

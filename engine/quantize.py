@@ -106,7 +106,7 @@ def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, 
     feeds: dict[str, list[dict[str, np.ndarray]]] = {k: [] for k in ("visual", "audio", "visual_low", "audio_low")}
     for batch in batches:
         x = numpy_inputs(batch)
-        text_cls, present, _ = fp32._text(x["text"], x["text_mask"], [""] * len(x["text"]))
+        text_cls, present, _ = fp32.text_rows(x["text"], x["text_mask"], [""] * len(x["text"]))
         for modality, items, mask in (("visual", x["faces"], x["face_mask"]), ("audio", x["audio"], x["audio_mask"])):
             b, f = np.nonzero(mask)
             for i in range(0, len(b), CALIBRATION_BATCH):

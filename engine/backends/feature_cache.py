@@ -299,7 +299,7 @@ class CachedOnnxBackend:
             return [b"learned"] * len(text_keys)
         return [b"none" if k is None else k for k in text_keys]
 
-    def _text(self, text: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list]:
+    def text_rows(self, text: np.ndarray, mask: np.ndarray, scopes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list]:
         """text (B, L) int64, mask (B, L) -> text_cls (B, Ht), text_present (B,), keys: the text
         graph run once per transcript not seen yet in its scope (keyed by its tokens
         without padding; the new ones padded to their own longest); zeros where a window
@@ -322,7 +322,7 @@ class CachedOnnxBackend:
         """The head's audio and text feeds of a batch (cached rows, new ones computed)."""
         x = numpy_inputs(batch, ("audio", "audio_mask", "text", "text_mask"))
         scopes = _scopes(batch, x["audio_mask"].shape[0])
-        text_cls, text_present, keys = self._text(x["text"], x["text_mask"], scopes)
+        text_cls, text_present, keys = self.text_rows(x["text"], x["text_mask"], scopes)
         guide = (text_cls, text_present, self._guide_keys(keys)) if self.sparse else None
         return {"audio_feats": self._features("audio", x["audio"], x["audio_mask"], scopes, guide),
                 "audio_mask": x["audio_mask"], "text_cls": text_cls, "text_present": text_present}
