@@ -93,6 +93,7 @@ class TrainConfig:
     ema_decay: float = -1.0
     fusion_fit: Literal["valid", "valid_full", "none"] = "valid"
     fusion_fit_l2: float = 0.01
+    select_on: Literal["fused", "fitted"] = "fused"
     split: Literal["dialog", "utterance"] = "dialog"
     seed: int = 0
     deterministic: bool = True

@@ -285,3 +285,34 @@ def test_sparse_training_is_reproducible(prepared_tiny, tmp_path, monkeypatch):
             safe_open(str(runs[1] / "last" / "model.safetensors"), framework="pt") as fb:
         for key in fa.keys():
             assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key
+
+
+def test_fitted_scores_judge_the_model_as_served():
+    """select_on = "fitted": an epoch is scored with its fusion weights refitted on validation.
+    Here the text branch names person 0 confidently (a memorised transcript) and the visual
+    branch is right: with the weights as trained (uniform) the fused answer is mostly wrong,
+    refitted it is right everywhere."""
+    from training.train import fitted_scores
+
+    n, persons = 12, 4
+    labels = np.arange(n) % persons
+    onehot = np.eye(persons, dtype=np.float32)[labels]
+    text = np.zeros((n, persons), np.float32)
+    text[:, 0] = 8.0
+    pred = {"mod_logits": np.stack([text, 0.5 * onehot, 3.0 * onehot], axis=1), "present": np.ones((n, 3), bool),
+            "label": labels}
+    fused_uniform = late_fusion(torch.zeros(3), torch.from_numpy(pred["mod_logits"]), torch.from_numpy(pred["present"]))
+    assert macro_f1(labels, fused_uniform.argmax(1).numpy(), persons) < 0.5
+    cfg = load_config(overrides=["train.select_on=fitted"])
+    f1, loss = fitted_scores(pred, torch.zeros(3), cfg, persons)
+    assert f1 == 1.0 and loss < float(torch.nn.functional.cross_entropy(fused_uniform, torch.from_numpy(labels)))
+
+
+def test_select_on_fitted_scores_each_epoch(prepared_tiny, tmp_path):
+    out = tmp_path / "fitted"
+    assert mmid(["train", "--data", str(prepared_tiny), "--model", "mme2e", "--preset", "tiny", "--out", str(out),
+                 "--epochs", "2", "--set", "train.select_on=fitted"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert len(rows) == 2 and all("valid_macro_f1_fitted" in r for r in rows)
+    assert summary["best_valid_macro_f1"] == max(r["valid_macro_f1_fitted"] for r in rows)

@@ -33,10 +33,10 @@ from engine.checkpoint import RunMeta, save_checkpoint
 from engine.config import Config
 from engine.dims import ModelDims, preset_dims
 from engine.features import Batch, FeatureParams, Tokenizer, collate
-from engine.model import build_model
+from engine.model import build_model, late_fusion
 from engine.wordpiece import train_wordpiece
 from training.dataset import PreparedDataset, read_split
-from training.fusion_fit import fit_fusion
+from training.fusion_fit import fit_fusion, refit, with_missing
 from training.metrics import accuracy, branch_accuracies, macro_f1
 from training.textprep import text_model_dir
 from training.weight_average import WeightAverage
@@ -190,17 +190,32 @@ def loss_fn(out, labels: torch.Tensor, cfg: Config) -> torch.Tensor:
     return fused + cfg.train.aux_loss_weight * aux
 
 
+def fitted_scores(pred: dict[str, np.ndarray], fusion: torch.Tensor, cfg: Config, n_persons: int) -> tuple[float, float]:
+    """Validation macro-F1 and loss of the fused output after refitting the fusion weights on
+    the same predictions, as the fit after training does (``train.fusion_fit``): the
+    model as it would be served if this epoch were kept."""
+    logits, present = torch.from_numpy(pred["mod_logits"]), torch.from_numpy(pred["present"])
+    labels = torch.from_numpy(pred["label"]).long()
+    fit_on = with_missing(logits, present, labels) if cfg.train.fusion_fit == "valid" else (logits, present, labels)
+    weights, _ = refit(*fit_on, fusion, cfg.train.fusion_fit_l2)
+    fused = late_fusion(weights, logits, present)  # (N, P) on the windows as they are
+    loss = float(nnf.cross_entropy(fused, labels))
+    return macro_f1(pred["label"], fused.argmax(1).numpy(), n_persons), loss
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
     """Fused and per-modality predictions over a loader."""
     model.eval()
-    keep: dict[str, list[np.ndarray]] = {"label": [], "pred": [], "prob": [], "mod_pred": [], "present": []}
+    keep: dict[str, list[np.ndarray]] = {"label": [], "pred": [], "prob": [], "mod_pred": [], "mod_logits": [],
+                                         "present": []}
     for batch, labels in loader:
         out = model(*batch.to(device).model_inputs())
         keep["label"].append(labels.numpy())
         keep["prob"].append(torch.softmax(out.logits.float(), dim=1).cpu().numpy())
         keep["pred"].append(out.logits.argmax(dim=1).cpu().numpy())
         keep["mod_pred"].append(out.modality_logits.argmax(dim=2).cpu().numpy())
+        keep["mod_logits"].append(out.modality_logits.float().cpu().numpy())
         keep["present"].append(out.present.cpu().numpy())
     return {k: np.concatenate(v) for k, v in keep.items()}
 
@@ -377,6 +392,9 @@ def _run_training(job: TrainJob, cfg: Config) -> dict:
         pred = predict(kept, valid_loader, device)
         f1 = macro_f1(pred["label"], pred["pred"], len(persons))
         valid_loss = float(-np.log(np.clip(pred["prob"][np.arange(len(pred["label"])), pred["label"]], 1e-12, None)).mean())
+        fitted = None
+        if cfg.train.select_on == "fitted" and cfg.train.fusion_fit != "none":
+            fitted = fitted_scores(pred, kept.fusion.detach().float().cpu(), cfg, len(persons))
         row = {
             "epoch": epoch,
             "train_loss": total / max(count, 1),
@@ -387,6 +405,9 @@ def _run_training(job: TrainJob, cfg: Config) -> dict:
                             for k, v in branch_accuracies(pred["label"], pred["mod_pred"], pred["present"]).items()},
             "elapsed_s": round(time.time() - started, 2),
         }
+        if fitted is not None:  # what selection reads: the fused output with the fusion refitted
+            row["valid_macro_f1_fitted"], row["valid_loss_fitted"] = fitted
+            f1, valid_loss = fitted
         if fractions.steps:  # sparse model: the entropy term, each stage's kept fraction and entropy
             row["train_entropy_penalty"] = entropy_sum / max(count, 1)
             row["active_fraction"] = fractions.means()
