@@ -113,14 +113,21 @@ def refit(logits: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, old
     return kept, FusionFit(_weights(old), _weights(kept), before, max(before, after), int(labels.numel()), applied)
 
 
+def refit_windows(logits: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, old: torch.Tensor, l2: float,
+                  missing: bool = True) -> tuple[torch.Tensor, FusionFit]:
+    """``refit`` on windows' branch logits (N, 3, P), presence (N, 3) and labels (N,), with
+    ``missing`` also on their copies with a modality hidden."""
+    if missing:
+        logits, present, labels = with_missing(logits, present, labels)
+    return refit(logits, present, labels, old, l2)
+
+
 def fit_fusion(model: torch.nn.Module, loader: DataLoader, device: torch.device, l2: float,
                missing: bool = True) -> FusionFit:
     """Refit ``model.fusion`` in place on the loader's (validation) windows (and, with
     ``missing``, their copies with a modality hidden)."""
     logits, present, labels = collect_branch_logits(model, loader, device)
-    if missing:
-        logits, present, labels = with_missing(logits, present, labels)
-    kept, report = refit(logits, present, labels, model.fusion.detach().float().cpu().clone(), l2)
+    kept, report = refit_windows(logits, present, labels, model.fusion.detach().float().cpu().clone(), l2, missing)
     with torch.no_grad():
         model.fusion.copy_(kept.to(model.fusion.device, model.fusion.dtype))
     return report

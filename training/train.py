@@ -36,7 +36,7 @@ from engine.features import Batch, FeatureParams, Tokenizer, collate
 from engine.model import build_model, late_fusion
 from engine.wordpiece import train_wordpiece
 from training.dataset import PreparedDataset, read_split
-from training.fusion_fit import fit_fusion, refit, with_missing
+from training.fusion_fit import fit_fusion, refit_windows
 from training.metrics import accuracy, branch_accuracies, macro_f1
 from training.textprep import text_model_dir
 from training.weight_average import WeightAverage
@@ -196,8 +196,7 @@ def fitted_scores(pred: dict[str, np.ndarray], fusion: torch.Tensor, cfg: Config
     model as it would be served if this epoch were kept."""
     logits, present = torch.from_numpy(pred["mod_logits"]), torch.from_numpy(pred["present"])
     labels = torch.from_numpy(pred["label"]).long()
-    fit_on = with_missing(logits, present, labels) if cfg.train.fusion_fit == "valid" else (logits, present, labels)
-    weights, _ = refit(*fit_on, fusion, cfg.train.fusion_fit_l2)
+    weights, _ = refit_windows(logits, present, labels, fusion, cfg.train.fusion_fit_l2, cfg.train.fusion_fit == "valid")
     fused = late_fusion(weights, logits, present)  # (N, P) on the windows as they are
     loss = float(nnf.cross_entropy(fused, labels))
     return macro_f1(pred["label"], fused.argmax(1).numpy(), n_persons), loss
