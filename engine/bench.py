@@ -403,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
     parser.add_argument("--backends", default="", help="comma list among torch, torch-cuda, torch-cuda-graphs (CUDA "
                         "graphs + fp16), onnx, onnx-cached (CNN outputs reused across windows), onnx-int8, "
-                        "onnx-cached-int8 (dense: static int8 CNNs, cached), "
+                        "onnx-cached-int8 (static int8 CNN graphs, cached), "
                         "tensorrt (default: all available)")
     parser.add_argument("--scopes", default="model,window", help="comma list among model,window")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
@@ -564,8 +564,9 @@ def write_markdown(rows: list[dict], path: Path) -> None:
              "features are computed), log-mel chunks on the stream's 0.4 s grid (6-7 per window, each computed once) + "
              "tokenisation per window, forward per window. Transcripts: back-to-back speech segments (~13 words, ~3.3 s, no two alike), "
              "each window holding those whose midpoint it holds (the stream's rule), so neighbours mostly share "
-             "one. onnx-cached: the dense model's per-frame and per-chunk CNN outputs (projected) and per-transcript "
-             "text CLS computed once and reused by the later windows that hold them (GFLOPs/window stays the whole "
+             "one. onnx-cached: the dense model's per-frame and per-chunk CNN outputs (projected), the sparse model's "
+             "low-level maps per frame and chunk and its sparse stages' outputs per frame or chunk and transcript, and "
+             "the per-transcript text CLS computed once and reused by the later windows that hold them (GFLOPs/window stays the whole "
              "window's count); onnx-cached-int8: the same with static int8 CNN graphs; onnx-int8: the whole graph "
              "with dynamic int8 MatMul/Gemm. Every row starts with an empty cache (a source name of its own). Model "
              "scope = forward only.", "",
