@@ -104,12 +104,15 @@ def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, 
     folder = Path(folder)
     fp32 = CachedOnnxBackend(folder, SPARSE_SPLIT_GRAPHS, capacity=1)
     feeds: dict[str, list[dict[str, np.ndarray]]] = {k: [] for k in ("visual", "audio", "visual_low", "audio_low")}
+    enough = max(1, CALIBRATION_ITEMS // CALIBRATION_BATCH)  # calibration calls per graph
     for batch in batches:
         x = numpy_inputs(batch)
         text_cls, present, _ = fp32.text_rows(x["text"], x["text_mask"], [""] * len(x["text"]))
         for modality, items, mask in (("visual", x["faces"], x["face_mask"]), ("audio", x["audio"], x["audio_mask"])):
             b, f = np.nonzero(mask)
             for i in range(0, len(b), CALIBRATION_BATCH):
+                if len(feeds[modality]) >= enough:
+                    break
                 rows = slice(i, i + CALIBRATION_BATCH)
                 session = fp32.sessions[f"{modality}_low"]
                 inputs = {session.get_inputs()[0].name: np.ascontiguousarray(items[b[rows], f[rows]])}
@@ -120,7 +123,7 @@ def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, 
         if not items:
             raise ValueError("int8 calibration needs at least one face frame and one audio chunk")
         quantize_static_int8(folder / SPARSE_SPLIT_GRAPHS[key], folder / SPARSE_SPLIT_INT8_GRAPHS[key],
-                             items[: max(1, CALIBRATION_ITEMS // CALIBRATION_BATCH)], symbolic_shapes=key.endswith("_low"))
+                             items, symbolic_shapes=key.endswith("_low"))
     return dict(SPARSE_SPLIT_INT8_GRAPHS)
 
 

@@ -226,17 +226,27 @@ def test_sparse_cached_backend_reuses_frames_by_guide(engines):
             assert after[f"{m}_low"]["hits"] - before[f"{m}_low"]["hits"] == low_hits, (same_text, text, m)
 
 
-def test_sparse_cached_backend_learned_guide_ignores_the_transcript(tmp_path, tokenizer_file):
-    """model.sparse_guide = "learned": a frame's sparse row does not depend on its window's
-    transcript, so it hits whatever the transcript, and answers equal the model's."""
-    torch.manual_seed(6)
+@pytest.fixture(scope="module")
+def learned_guide_engine(tmp_path_factory, tokenizer_file) -> tuple[torch.nn.Module, Path]:
+    """A sparse model with model.sparse_guide = "learned" (a non-zero learned query) and its
+    engine folder."""
+    torch.manual_seed(5)
     dims = dataclasses.replace(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=400), sparse_guide="learned")
     model = build_model(dims).eval()
     with torch.no_grad():
         model.null_guide.normal_()
-    export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, tmp_path,
+    folder = tmp_path_factory.mktemp("learned")
+    export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, folder,
                   sparse_budget=BUDGET)
-    engine = Engine.load(tmp_path, backend="onnx", threads=2, feature_cache=64)
+    return model, folder
+
+
+def test_sparse_cached_backend_learned_guide_ignores_the_transcript(learned_guide_engine):
+    """model.sparse_guide = "learned": a frame's sparse row does not depend on its window's
+    transcript, so it hits whatever the transcript, and answers equal the model's."""
+    model, folder = learned_guide_engine
+    dims = model.dims
+    engine = Engine.load(folder, backend="onnx", threads=2, feature_cache=64)
     first = _full_windows(dims, 1, 4, 5, seed=1)
     _assert_close(engine.run(first), _reference(model, first))
     second = dataclasses.replace(first, text=(first.text + 1) % dims.text_vocab)  # same frames, another transcript
@@ -582,17 +592,11 @@ def test_bench_json_rows(engines, capsys):
         assert r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"] and r["windows_per_s"] > 0
 
 
-def test_learned_guide_sparse_export_matches_pytorch(tmp_path, tokenizer_file):
+def test_learned_guide_sparse_export_matches_pytorch(learned_guide_engine):
     """model.sparse_guide = "learned": the exported graph queries the stages with the
     learned query, whatever the transcript, as the PyTorch model does."""
-    torch.manual_seed(5)
-    dims = dataclasses.replace(preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=400), sparse_guide="learned")
-    model = build_model(dims).eval()
-    with torch.no_grad():
-        model.null_guide.normal_()
-    export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, tmp_path,
-                  sparse_budget=BUDGET)
-    engine = Engine.load(tmp_path, backend="onnx", threads=2, device="cpu")
+    model, folder = learned_guide_engine
+    engine = Engine.load(folder, backend="onnx", threads=2, device="cpu")
     assert engine.dims.sparse_guide == "learned"
     for i, shape in enumerate(SHAPES[:3]):
         batch = random_batch(model.dims, *shape, seed=i)

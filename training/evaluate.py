@@ -41,7 +41,7 @@ def evaluate_run(run: Path, data: Path, split: str, cfg: Config, protocol: str |
     n = len(persons)
     cm = confusion(pred["label"], pred["pred"], n)
     precision, recall, f1, support = per_class_prf(cm)
-    alone = branch_accuracies(pred["label"], pred["mod_pred"], pred["present"])
+    alone = branch_accuracies(pred["label"], pred["mod_logits"].argmax(2), pred["present"])
     per_modality = {name: {"accuracy": alone[name], "n_present": int(pred["present"][:, i].sum())}
                     for i, name in enumerate(MODALITIES)}
     summary = {

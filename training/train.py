@@ -204,16 +204,15 @@ def fitted_scores(pred: dict[str, np.ndarray], fusion: torch.Tensor, cfg: Config
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
-    """Fused and per-modality predictions over a loader."""
+    """Fused and per-modality predictions over a loader: labels (N,), fused top-1 (N,) and
+    probabilities (N, P), per-modality logits (N, 3, P), presence (N, 3)."""
     model.eval()
-    keep: dict[str, list[np.ndarray]] = {"label": [], "pred": [], "prob": [], "mod_pred": [], "mod_logits": [],
-                                         "present": []}
+    keep: dict[str, list[np.ndarray]] = {"label": [], "pred": [], "prob": [], "mod_logits": [], "present": []}
     for batch, labels in loader:
         out = model(*batch.to(device).model_inputs())
         keep["label"].append(labels.numpy())
         keep["prob"].append(torch.softmax(out.logits.float(), dim=1).cpu().numpy())
         keep["pred"].append(out.logits.argmax(dim=1).cpu().numpy())
-        keep["mod_pred"].append(out.modality_logits.argmax(dim=2).cpu().numpy())
         keep["mod_logits"].append(out.modality_logits.float().cpu().numpy())
         keep["present"].append(out.present.cpu().numpy())
     return {k: np.concatenate(v) for k, v in keep.items()}
@@ -401,7 +400,7 @@ def _run_training(job: TrainJob, cfg: Config) -> dict:
             "valid_macro_f1": f1,
             "valid_loss": valid_loss,
             "valid_alone": {k: None if v is None else round(v, 4)
-                            for k, v in branch_accuracies(pred["label"], pred["mod_pred"], pred["present"]).items()},
+                            for k, v in branch_accuracies(pred["label"], pred["mod_logits"].argmax(2), pred["present"]).items()},
             "elapsed_s": round(time.time() - started, 2),
         }
         if fitted is not None:  # what selection reads: the fused output with the fusion refitted

@@ -329,7 +329,7 @@ class CachedOnnxBackend:
 
     def run(self, batch, prefetched: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Batch -> outputs; ``prefetched``: what ``prefetch`` returned for the same windows."""
-        x = numpy_inputs(batch, ("faces", "face_mask", "text", "text_mask"))
+        x = numpy_inputs(batch, ("faces", "face_mask", "text", "text_mask") if self.sparse else ("faces", "face_mask"))
         faces, face_mask = x["faces"], x["face_mask"]
         scopes = _scopes(batch, face_mask.shape[0])
         rest = prefetched if prefetched is not None else self._audio_and_text(batch)
