@@ -134,13 +134,19 @@ class SubmanifoldConv3x3(nn.Module):
         self.weight = nn.Parameter(torch.empty(cout, cin, 3, 3))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, rows: Tensor, table: Tensor) -> Tensor:
+    def forward(self, rows: Tensor, table: Tensor, scale: Tensor | None = None) -> Tensor:
         """rows (K, Cin), table = sites.neighbour_table() (K, 9) -> (K, Cout): each site's
-        neighbours gathered (a zero row where there is none), one matmul."""
+        neighbours gathered (a zero row where there is none), one matmul. ``scale`` (Cout,):
+        multiplies the output channels through the weight (a folded BatchNorm)."""
         K, cin = rows.shape
         padded = torch.cat([rows, rows.new_zeros(1, cin)])  # (K+1, Cin): row K reads as zero
-        neighbours = padded[table]  # (K, 9, Cin)
+        if torch.is_grad_enabled():
+            neighbours = padded[table]  # (K, 9, Cin); its backward is what the recorded trainings used
+        else:  # exports as Gather, which ONNX Runtime runs on uint8 rows in a static int8 graph
+            neighbours = padded.index_select(0, table.reshape(-1))  # (K*9, Cin)
         weight = self.weight.permute(2, 3, 1, 0).reshape(9 * cin, -1)  # (9*Cin, Cout)
+        if scale is not None:
+            weight = weight * scale.type(weight.dtype)
         return neighbours.reshape(K, 9 * cin) @ weight  # (K, Cout)
 
 
@@ -148,10 +154,15 @@ class SparseBatchNorm(nn.BatchNorm1d):
     """BatchNorm over rows (K, C) whose statistics use valid rows only. Same
     parameters and buffers as nn.BatchNorm1d."""
 
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """Evaluation mode as y = x * scale + shift: (scale (C,), shift (C,)) float32."""
+        scale = torch.rsqrt(self.running_var + self.eps) * self.weight
+        return scale, self.bias - self.running_mean * scale
+
     def forward(self, rows: Tensor, valid: Tensor) -> Tensor:
         if not self.training:  # written out: F.batch_norm guards on K, which breaks export in CDF mode
-            scale = torch.rsqrt(self.running_var + self.eps) * self.weight
-            return ((rows.float() - self.running_mean) * scale + self.bias).type(rows.dtype)
+            scale, shift = self.scale_shift()
+            return (rows.float() * scale + shift).type(rows.dtype)
         x = rows.float()
         weight = valid.float()[:, None]  # (K, 1)
         count = weight.sum()
@@ -179,7 +190,12 @@ class SparseConvBlock(nn.Module):
 
     def forward(self, rows: Tensor, table: Tensor, valid: Tensor) -> Tensor:
         """rows (K, Cin), table (K, 9), valid (K,) -> (K, Cout)."""
-        return torch.relu(self.norm(self.conv(rows, table), valid))
+        if self.training:
+            return torch.relu(self.norm(self.conv(rows, table), valid))
+        # evaluation: the BatchNorm folded into the convolution (exports as one Gemm, which a
+        # static int8 graph runs as one quantized Gemm with its requantisation)
+        scale, shift = self.norm.scale_shift()
+        return torch.relu(self.conv(rows, table, scale) + shift.type(rows.dtype))
 
 
 def sparse_max_pool(rows: Tensor, sites: Sites) -> tuple[Tensor, Tensor]:
