@@ -6,7 +6,10 @@ convolution gathers the 9 neighbours of every active site through a rulebook
 (``Sites.neighbour_table``: each site's neighbour rows, found once per stage by
 index arithmetic on a padded grid) and does one (K, 9*Cin) @ (9*Cin, Cout)
 matmul: outputs only at active sites, inputs only from active sites (inactive
-sites read as zero).
+sites read as zero). In evaluation mode a conv block folds its BatchNorm into
+that matmul's weight and a shift, and gathers with ``index_select``: exported,
+each convolution is a Gather and a Gemm, which a static int8 graph runs on
+uint8 rows as one quantized Gemm.
 
 Two ways to choose sites (``select_sites``):
 - CDF rule (the paper): per frame, sort attention descending and keep the
