@@ -37,15 +37,19 @@ def test_tiny_preset_reaches_90_percent(name, tiny_runs, prepared_tiny, capsys):
     assert (tiny_runs[name] / "training_curves.png").stat().st_size > 0
     rows = [json.loads(x) for x in (tiny_runs[name] / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
-    # early stopping (early_stop = "f1_loss"): the run ends `patience` epochs after the last
-    # kept checkpoint (higher macro-F1, or equal with a lower validation loss), or at `epochs`
+    # early stopping (select_on = "fitted", early_stop = "f1"): each epoch is scored by its
+    # validation macro-F1 with the fusion refitted; the run ends `patience` epochs after the
+    # score last rose, or at `epochs`; the kept checkpoint is the best score, the lower
+    # (refitted) validation loss among equals
     train_cfg = load_config(None).train
-    assert train_cfg.early_stop == "f1_loss"
-    best, last_kept = (-1.0, float("inf")), 0
+    assert (train_cfg.select_on, train_cfg.early_stop) == ("fitted", "f1")
+    best, last_higher = -1.0, 0
     for r in rows:
-        if r["valid_macro_f1"] > best[0] or (r["valid_macro_f1"] == best[0] and r["valid_loss"] < best[1]):
-            best, last_kept = (r["valid_macro_f1"], r["valid_loss"]), r["epoch"]
-    assert len(rows) == min(train_cfg.epochs, last_kept + train_cfg.patience)
+        if r["valid_macro_f1_fitted"] > best:
+            best, last_higher = r["valid_macro_f1_fitted"], r["epoch"]
+    assert len(rows) == min(train_cfg.epochs, last_higher + train_cfg.patience)
+    kept = max(rows, key=lambda r: (r["valid_macro_f1_fitted"], -r["valid_loss_fitted"]))
+    assert json.loads((tiny_runs[name] / "train_summary.json").read_text())["best_epoch"] == kept["epoch"]
 
 
 def test_checkpoint_is_pickle_free_and_round_trips(tiny_runs, prepared_tiny, monkeypatch):
