@@ -20,7 +20,7 @@
 #   call 1, carry .gpu/data.tar.xz .gpu/data23.tar.xz:
 #     mkdir -p /tmp/stash && cp .gpu/data.tar.xz .gpu/data23.tar.xz /tmp/stash/
 #   call 2 at once (a machine idle for 30 s is given back), carry .gpu/data31.tar.xz .gpu/minilm.tar.xz:
-#     cp /tmp/stash/*.tar.xz .gpu/ && PACK="$OUT/sweep.tgz" OUT=/tmp/gout CONFIGS=benchmarks/sweep8.txt \
+#     cp /tmp/stash/*.tar.xz .gpu/ && PACK="$OUT/sweep.tgz" OUT=/tmp/gout CONFIGS=benchmarks/sweep9.txt \
 #       EPOCHS=20 PATIENCE=8 TIME_LIMIT=400 TRAIN_TIMEOUT=480 WORKERS=1 SUMMARY_JOBS=8 bash benchmarks/gpu_sweep.sh
 set -uo pipefail
 OUT=${OUT:-gpu-out}

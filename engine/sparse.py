@@ -158,7 +158,7 @@ class SparseBatchNorm(nn.BatchNorm1d):
     parameters and buffers as nn.BatchNorm1d."""
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
-        """Evaluation mode as y = x * scale + shift: (scale (C,), shift (C,)) float32."""
+        """Evaluation mode as y = x * scale + shift: (scale (C,), shift (C,)), in the buffers' dtype."""
         scale = torch.rsqrt(self.running_var + self.eps) * self.weight
         return scale, self.bias - self.running_mean * scale
 
