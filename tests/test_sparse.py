@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from engine.sparse import (
     SparseBatchNorm,
+    SparseConvBlock,
     SparseStage,
     Sites,
     SubmanifoldConv3x3,
@@ -90,6 +91,29 @@ def test_submanifold_conv_equals_dense_conv_at_active_sites(invalid):
     (ref * upstream).sum().backward()
     torch.testing.assert_close(conv.weight.grad, weight.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rows.grad[valid], ref_rows.grad[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_eval_block_folds_batchnorm_into_the_gathered_conv():
+    """Evaluation mode: the BatchNorm folded into the conv and the neighbours gathered by
+    index_select (the exported form) give the block's unfolded output; the conv alone
+    gives the same rows with and without autograd (the two gathers)."""
+    torch.manual_seed(3)
+    sites = random_sites(2, 6, 5, 0.5, invalid=0.2)
+    table = sites.neighbour_table()
+    block = SparseConvBlock(4, 6)
+    rows = torch.randn(sites.flat.numel(), 4)
+    block(rows, table, sites.valid)  # one training step: running statistics away from 0 / 1
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 2)
+        block.norm.bias.uniform_(-1, 1)
+    block.eval()
+    with torch.no_grad():
+        folded = block(rows, table, sites.valid)
+        gathered = block.conv(rows, table)
+        unfolded = torch.relu(block.norm(gathered, sites.valid))
+    valid = sites.valid
+    torch.testing.assert_close(folded[valid], unfolded[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gathered, block.conv(rows, table).detach(), atol=0, rtol=0)
 
 
 def test_sparse_max_pool_equals_masked_reference():
