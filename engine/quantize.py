@@ -1,15 +1,19 @@
 """int8 graphs of an engine folder (`mmid export --int8`), and the check that they may serve.
 
-Two kinds, by what runs fastest on a CPU without VNNI (measured, BENCHMARKS.md):
-- ``model.int8.onnx``: the whole model with dynamic int8 MatMul/Gemm weights
-  (activations quantised at run time);
+Two kinds, by what runs fastest on the CPU (measured, BENCHMARKS.md):
+- ``model.int8.onnx``, and the text encoder's ``text.int8.onnx`` for the cached
+  backend: dynamic int8 MatMul/Gemm weights (activations quantised at run time).
+  ALBERT shares one set of layer weights across its layers, and the exporter hands
+  each use a ``Transpose`` of the shared initializer; the quantizer only takes a
+  MatMul whose weight is an initializer itself, so those transposes are folded into
+  initializers first (``fold_weight_transposes``: without it, one MatMul of the
+  text encoder's 85 was quantised);
 - dense model, ``visual_cnn.int8.onnx`` and ``audio_cnn.int8.onnx``: the per-frame
   CNN graphs with static int8 convolutions (QDQ format: per-channel int8 weights,
   uint8 activations whose ranges come from calibration inputs), served with
   ``head.onnx`` in fp32 by the cached backend; sparse model, the same for its
   low-level graphs and its sparse-stage graphs (their gathered-convolution
-  matmuls). Static int8 halves the CNNs' time
-  here; dynamic int8 did not speed up the text encoder's MatMuls at window sizes.
+  matmuls). Static int8 halves the CNNs' time here.
 
 Calibration inputs are real model inputs: with ``--data``, face frames and audio
 chunks of training-split utterances; without, those of the bench's stream (what
@@ -34,20 +38,62 @@ from engine.backends import numpy_inputs
 from engine.backends.feature_cache import SPARSE_SPLIT_GRAPHS, SPLIT_GRAPHS
 
 CNN_GRAPHS = ("visual", "audio", "visual_low", "audio_low")  # the split graphs that go int8
-# the CNN graphs in int8 beside the fp32 text graph and head: visual_cnn.int8.onnx, audio_cnn.int8.onnx, text.onnx, head.onnx
-SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in CNN_GRAPHS else v for k, v in SPLIT_GRAPHS.items()}
+# the CNN and text graphs in int8 beside the fp32 head: visual_cnn.int8.onnx, audio_cnn.int8.onnx, text.int8.onnx, head.onnx
+INT8_GRAPHS = CNN_GRAPHS + ("text",)  # text: dynamic int8 (no calibration)
+SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in INT8_GRAPHS else v for k, v in SPLIT_GRAPHS.items()}
 # sparse: the low-level and sparse-stage graphs in int8 (visual_low.int8.onnx, ..., visual_sparse.int8.onnx, ...)
-SPARSE_SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in CNN_GRAPHS else v
+SPARSE_SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in INT8_GRAPHS else v
                             for k, v in SPARSE_SPLIT_GRAPHS.items()}
 CALIBRATION_ITEMS = 256  # frames / chunks per CNN at most
 CALIBRATION_BATCH = 32
+EXTERNAL_DATA_BYTES = 1 << 30  # larger graphs keep their weights in a .data file (protobuf's limit is 2 GiB)
+
+
+def fold_weight_transposes(model) -> int:
+    """Replace every ``Transpose`` of an initializer in ``model`` (an onnx ModelProto, changed
+    in place) by the transposed initializer (one per initializer and permutation, shared by
+    its uses); -> how many Transpose nodes went."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    made: dict[tuple[str, tuple[int, ...]], str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in initializers:
+            kept.append(node)
+            continue
+        array = numpy_helper.to_array(initializers[node.input[0]])
+        perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), tuple(reversed(range(array.ndim))))
+        key = (node.input[0], perm)
+        if key not in made:
+            made[key] = f"{node.input[0]}__transposed_{'_'.join(map(str, perm))}"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)), made[key]))
+        renamed[node.output[0]] = made[key]
+    if renamed.keys() & {o.name for o in graph.output}:
+        raise ValueError("fold_weight_transposes: a transposed initializer is a graph output")
+    del graph.node[:]
+    graph.node.extend(kept)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    return len(renamed)
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run time)."""
+    """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run
+    time), after ``fold_weight_transposes`` so that shared, transposed weights count too."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    model = onnx.load(str(src))
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        fold_weight_transposes(model)
+        onnx.save(model, str(folded), save_as_external_data=model.ByteSize() > EXTERNAL_DATA_BYTES)
+        quantize_dynamic(str(folded), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                         use_external_data_format=model.ByteSize() > EXTERNAL_DATA_BYTES)
     return Path(dst)
 
 
@@ -84,13 +130,15 @@ def quantize_static_int8(src: str | Path, dst: str | Path, items: np.ndarray | l
 
 def write_split_int8(folder: str | Path, faces: np.ndarray, audio: np.ndarray) -> dict[str, str]:
     """Static int8 CNN graphs beside a dense engine folder's split graphs, calibrated on face
-    frames (N, 3, S, S) and audio chunks (M, 1, n_mels, frames); -> SPLIT_INT8_GRAPHS."""
+    frames (N, 3, S, S) and audio chunks (M, 1, n_mels, frames), and the dynamic int8 text
+    graph; -> SPLIT_INT8_GRAPHS."""
     folder = Path(folder)
     if not len(faces) or not len(audio):
         raise ValueError("int8 calibration needs at least one face frame and one audio chunk")
     for modality, items in (("visual", faces), ("audio", audio)):
         quantize_static_int8(folder / SPLIT_GRAPHS[modality], folder / SPLIT_INT8_GRAPHS[modality],
                              items[:CALIBRATION_ITEMS])
+    quantize_dynamic_int8(folder / SPLIT_GRAPHS["text"], folder / SPLIT_INT8_GRAPHS["text"])
     return dict(SPLIT_INT8_GRAPHS)
 
 
@@ -98,7 +146,8 @@ def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, 
     """Static int8 low-level and sparse-stage graphs beside a sparse engine folder's split
     graphs, calibrated on the inputs they get from calibration Batches: the frames and
     chunks for the low-level graphs, and for the sparse stages their fp32 low-level maps
-    with the text CLS of their window; -> SPARSE_SPLIT_INT8_GRAPHS."""
+    with the text CLS of their window; and the dynamic int8 text graph;
+    -> SPARSE_SPLIT_INT8_GRAPHS."""
     from engine.backends.feature_cache import CachedOnnxBackend
 
     folder = Path(folder)
@@ -124,6 +173,7 @@ def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, 
             raise ValueError("int8 calibration needs at least one face frame and one audio chunk")
         quantize_static_int8(folder / SPARSE_SPLIT_GRAPHS[key], folder / SPARSE_SPLIT_INT8_GRAPHS[key],
                              items, symbolic_shapes=key.endswith("_low"))
+    quantize_dynamic_int8(folder / SPARSE_SPLIT_GRAPHS["text"], folder / SPARSE_SPLIT_INT8_GRAPHS["text"])
     return dict(SPARSE_SPLIT_INT8_GRAPHS)
 
 

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +304,10 @@ def test_batch_without_any_face_or_audio(engines, name):
 def test_int8_served_only_when_top1_holds(engines, name):
     """fp32 ONNX keeps PyTorch's top-1; the int8 graph is served only if it kept the
     top-1 person on every check window of the export (random tiny weights have tiny
-    margins, so here it usually does not, and loading it must then refuse)."""
+    margins, so here it often does not, and loading it must then refuse); the recorded
+    agreement is what the int8 graph gives on those windows."""
+    from engine.export import random_int8_inputs
+
     model, folder = engines[name]
     batch = random_batch(model.dims, 16, 6, 8, 14, seed=7)
     ref = _reference(model, batch)["logits"].argmax(1)
@@ -312,8 +316,12 @@ def test_int8_served_only_when_top1_holds(engines, name):
     forced = Engine.load(folder, "onnx", int8="force")
     assert forced.backend_name == "onnx-int8"
     assert info["int8_check"]["split"] == "random" and info["int8_check"]["whole"]["windows"] == 16
+    check = random_int8_inputs(model).check[0]  # the export's check windows
+    agree = np.mean(forced.run(check)["logits"].argmax(1) == _reference(model, check)["logits"].argmax(1))
+    assert agree == pytest.approx(info["int8_check"]["whole"]["top1_agreement"])  # the recorded check is true
     if info["int8_check"]["whole"]["top1_agreement"] == 1.0:
-        np.testing.assert_array_equal(Engine.load(folder, "onnx", int8=True).run(batch)["logits"].argmax(1), ref)
+        np.testing.assert_array_equal(Engine.load(folder, "onnx", int8=True).run(check)["logits"].argmax(1),
+                                      _reference(model, check)["logits"].argmax(1))
     else:
         with pytest.raises(ValueError, match="top-1"):
             Engine.load(folder, "onnx", int8=True)
@@ -330,6 +338,14 @@ def test_int8_cnn_graphs_serve_through_the_cache(engines, name):
     for key in ("visual", "audio", "visual_low", "audio_low") if name == "mme2e_sparse" else ("visual", "audio"):
         graph = onnx.load(str(folder / info["split_int8_graphs"][key]))
         assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node), key  # really int8 convolutions
+    # the text encoder in dynamic int8: every MatMul with a constant weight quantised, the
+    # layer weights ALBERT shares (handed to each layer through a Transpose) included
+    text = onnx.load(str(folder / info["split_int8_graphs"]["text"])).graph
+    constants = {i.name for i in text.initializer}
+    made_by = {o: n for n in text.node for o in n.output}
+    weight_of = lambda n: made_by[n.input[1]].input[0] if n.input[1] in made_by else n.input[1]  # noqa: E731
+    assert not [n.name for n in text.node if n.op_type == "MatMul" and weight_of(n) in constants]
+    assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in text.node) >= 2 * model.dims.text_layers
     batch = random_batch(model.dims, 8, 6, 8, 14, seed=3)
     fp32 = _reference(model, batch)
     engine = Engine.load(folder, "onnx", int8="force", feature_cache=64)
@@ -340,6 +356,39 @@ def test_int8_cnn_graphs_serve_through_the_cache(engines, name):
     if info["int8_check"]["cached"]["top1_agreement"] < 1.0:
         with pytest.raises(ValueError, match="top-1"):
             Engine.load(folder, "onnx", int8=True, feature_cache=64)
+
+
+def test_fold_weight_transposes_keeps_outputs_and_shares_the_fold():
+    """Two MatMuls on Transposes of one initializer (ALBERT's shared layers as exported):
+    folded into one transposed initializer, same output, and dynamic int8 then quantises both."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.quantize import fold_weight_transposes, quantize_dynamic_int8
+
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], [f"wt{i}"], perm=[1, 0]) for i in range(2)]
+    nodes += [helper.make_node("MatMul", ["x", "wt0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+              helper.make_node("MatMul", ["r", "wt1"], ["y0"]), helper.make_node("MatMul", ["y0", "wt0"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    before = run(model)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_weight_transposes(folded) == 2
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Relu", "MatMul", "MatMul"]
+    assert len(folded.graph.initializer) == 2  # w (now unused) and its one transpose
+    np.testing.assert_allclose(run(folded), before, rtol=1e-6, atol=1e-6)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, f"{tmp}/m.onnx")
+        q = onnx.load(str(quantize_dynamic_int8(f"{tmp}/m.onnx", f"{tmp}/q.onnx")))
+    assert not [n for n in q.graph.node if n.op_type == "MatMul"]  # all three quantised
+    np.testing.assert_allclose(run(q), before, atol=0.1 * np.abs(before).max())
 
 
 def test_sparse_export_executes_fewer_flops(engines):
