@@ -61,19 +61,21 @@ def _groups(frames: list[np.ndarray]) -> list[tuple[int, int]]:
 
 
 def crop_faces(
-    frames: Sequence[np.ndarray], size: int = FACE_SIZE, margin: int = FACE_MARGIN, device: str = "cpu"
+    frames: Sequence[np.ndarray], size: int = FACE_SIZE, margin: int = FACE_MARGIN, device: str = "cpu",
+    min_face: float | None = None, threads: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RGB uint8 frames (H, W, 3) -> (crops uint8 (F, size, size, 3), found bool (F,),
     boxes float32 (F, 4) with NaN where no face was found). ``device``: where detection
-    and resampling run."""
+    and resampling run; ``min_face``: smallest face searched for in pixels (default
+    MTCNN's 20); ``threads``: the detector's CPU threads (0: torch's)."""
     frames = [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
     crops = np.zeros((len(frames), size, size, 3), dtype=np.uint8)
     boxes = np.full((len(frames), 4), np.nan, dtype=np.float32)
-    detector = load_detector(str(device))
+    detector = load_detector(str(device), threads)
     for i, j in _groups(frames):
         x = torch.from_numpy(np.stack(frames[i:j])).to(detector.device)  # (n, H, W, 3)
         table = integral_image(x)  # (n, 3, H+1, W+1)
-        boxes[i:j] = detector.largest_boxes(x, table).numpy()  # (n, 4)
+        boxes[i:j] = detector.largest_boxes(x, table, min_face).numpy()  # (n, 4)
         crops[i:j] = crops_of_boxes(table, boxes[i:j], size, margin)
     return crops, ~np.isnan(boxes).any(axis=1), boxes
 

@@ -154,7 +154,9 @@ class Engine:
         small operations that leave the second core idle. Same answers as
         ``identify_raw`` (tested)."""
         if self._helper is None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="faces")
+            # torch's thread count is per thread: the face thread's small tensor operations on one
+            # (on two they doubled its CPU time for no gain, measured), beside the model's threads
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="faces", initializer=_one_torch_thread)
         pending = self._helper.submit(find_faces)
         try:
             size = self.feature_params.face_size
@@ -186,6 +188,15 @@ class Engine:
         samples = [make_sample(w[0], w[1], w[2], w[3], self.tokenizer, self.feature_params, id=name, audio_chunks=c)
                    for w, c, name in zip(windows, chunks, names)]
         return collate(samples)
+
+
+def _one_torch_thread() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _cuda_available() -> bool:

@@ -126,3 +126,36 @@ def test_crop_faces_equal_area_resize_of_their_regions():
         want = F.interpolate(region, size=(48, 48), mode="area")[0].round().clamp(0, 255).to(torch.uint8)
         diff = (torch.from_numpy(crop).permute(2, 0, 1).int() - want.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # only .5 roundings may differ
+
+
+def test_area_crop_np_equals_area_crops():
+    """The tracker's NumPy crop: the same float32 numbers as the batched gather, any region."""
+    from engine.face_detect import area_crop_np
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(20, 200, 2))
+        frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        y0, x0 = int(rng.integers(0, h - 1)), int(rng.integers(0, w - 1))
+        y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+        size = int(rng.choice([12, 24, 48, 64]))
+        table = integral_image(torch.from_numpy(frame)[None])
+        want = area_crops(table, torch.zeros(1, dtype=torch.long), *(torch.tensor([v]) for v in (y0, y1, x0, x1)), size)
+        got = area_crop_np(frame, y0, y1, x0, x1, size)
+        assert got.dtype == np.float32 and np.array_equal(got, want[0].numpy())
+
+
+def test_prelu_rewrite_keeps_the_networks_outputs():
+    """MTCNN's networks as exported for ONNX Runtime (PReLU as max/min terms) give eager
+    facenet-pytorch's outputs."""
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+    from engine.face_detect import OrtNet
+
+    torch.manual_seed(0)
+    for net, size in ((PNet().eval(), 12), (RNet().eval(), 24), (ONet().eval(), 48)):
+        x = torch.randn(5, 3, 30 if size == 12 else size, 30 if size == 12 else size)
+        with torch.no_grad():
+            want = net(x)
+        for a, b in zip(OrtNet(net, size, threads=1)(x), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -74,7 +74,8 @@ def test_full_detection_again_after_redetect_s_a_gap_and_a_lost_face(speaker):
     frames = speaker[0][:8]  # 0.0, 0.5, ... 3.5 s
     tracker = FaceTracker(redetect_s=1.0)
     tracker.crop([("a", t, f) for t, f in frames])
-    assert tracker.stats.full == 4 and tracker.stats.tracked == 4  # full at 0, 1, 2, 3 s
+    # the cascade at 0 s; followed at 0.5, 1.5, 2.5, 3.5 s; followed and searched again at 1, 2, 3 s
+    assert tracker.stats.full == 1 and tracker.stats.tracked == 4 and tracker.stats.refreshed == 3
 
     tracker = FaceTracker(redetect_s=1e9, max_gap_s=2.0)
     t0, f0 = frames[0]
@@ -103,3 +104,26 @@ def test_sources_are_tracked_apart(speaker):
     np.testing.assert_array_equal(crops[1::2], ref_b[0])
     assert both.stats.full == 2 and both.stats.tracked == 6
 
+
+
+def test_a_larger_face_is_picked_up_when_the_search_comes_round(speaker):
+    """Every redetect_s the followed frame is searched for faces as large: a larger face that
+    came into view replaces the followed one then (the cascade's largest-face rule), and not
+    before; the same face found again keeps the followed box's place (drift corrected)."""
+    import torch
+    import torch.nn.functional as F
+
+    (_, face), (_, face_later) = speaker[0][0], speaker[0][1]
+    big = F.interpolate(torch.from_numpy(face_later).permute(2, 0, 1)[None].float(), scale_factor=1.5, mode="area")
+    big = big[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()  # (336, 336, 3): the face 1.5 times as large
+    alone = np.full((336, 560, 3), 127, np.uint8)
+    alone[:224, :224] = face  # the speaker alone, top left
+    both = alone.copy()
+    both[:, 224:] = big  # a larger face at the right
+    followed, searched = FaceTracker(redetect_s=1e9), FaceTracker(redetect_s=1.0)
+    for tracker in (followed, searched):
+        _, found, boxes = tracker.crop([("a", 0.0, alone), ("a", 0.5, both), ("a", 1.0, both), ("a", 1.5, both)])
+        assert found.all() and boxes[0][2] < 224 and boxes[1][2] < 224  # the speaker, followed
+    assert searched.stats.refreshed == 1 and boxes[2][0] > 224 and boxes[3][0] > 224  # the larger face from 1 s on
+    _, _, kept = followed.crop([("a", 2.0, both)])
+    assert kept[0][2] < 224  # following alone keeps the face it follows
