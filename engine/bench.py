@@ -567,7 +567,8 @@ def write_markdown(rows: list[dict], path: Path) -> None:
              "one. onnx-cached: the dense model's per-frame and per-chunk CNN outputs (projected), the sparse model's "
              "low-level maps per frame and chunk and its sparse stages' outputs per frame or chunk and transcript, and "
              "the per-transcript text CLS computed once and reused by the later windows that hold them (GFLOPs/window stays the whole "
-             "window's count); onnx-cached-int8: the same with static int8 CNN graphs; onnx-int8: the whole graph "
+             "window's count); onnx-cached-int8: the same with static int8 CNN graphs and the text encoder in dynamic "
+             "int8; onnx-int8: the whole graph "
              "with dynamic int8 MatMul/Gemm. Every row starts with an empty cache (a source name of its own). Model "
              "scope = forward only.", "",
              "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | sparse budget |",
