@@ -11,7 +11,7 @@ sampled frame); RUN: a run trained on DATA.
    every 0.5 s of the whole video goes through ``FaceTracker`` (default settings, one
    source per video and half) and through ``crop_faces``: agreement of found/not
    found, IoU of the two boxes (mean, 5th percentile, min), the tracker's full /
-   tracked / lost counts, and for scale the IoU of consecutive full-detection boxes
+   tracked / searched-again / lost counts, and for scale the IoU of consecutive full-detection boxes
    (how far a face moves in 500 ms). Also the time per frame (2 torch threads,
    median of 30 calls): the tracker following one frame vs ``crop_faces`` on one.
 2. Identification: CORPUS is prepared again into --out (default a temporary folder)
@@ -179,14 +179,17 @@ def summary_lines(a: dict, tracked: TrackStats, d: dict, ev: dict[str, dict], co
         f"Boxes, {a['videos']} videos x 2 speaker halves, every 0.5 s ({a['frames']} frames), FaceTracker "
         f"(defaults) vs crop_faces on each frame: found/not-found agree on {a['found_agree']:.2%}; box IoU "
         f"(n={a['n_iou']}) mean {a['iou_mean']:.3f}, 5th percentile {a['iou_p5']:.3f}, min {a['iou_min']:.3f}; "
-        f"tracker frames full {s['full']} / tracked {s['tracked']} / lost {s['lost']}. For scale, IoU of "
+        f"tracker frames full {s['full']} / tracked {s['tracked']} / tracked and searched again "
+        f"{s.get('refreshed', 0)} / lost {s['lost']}. For scale, IoU of "
         f"consecutive full-detection boxes (500 ms apart): mean {a['move_iou_mean']:.3f}, 5th percentile "
         f"{a['move_iou_p5']:.3f}.", "",
-        f"Time per frame (2 torch threads, median of {TIMED_CALLS}): tracker following a face "
-        f"{a['track_ms']:.2f} ms, crop_faces {a['full_ms']:.2f} ms ({a['full_ms'] / a['track_ms']:.1f}x).", "",
+        f"Time per frame (median of {TIMED_CALLS}): tracker following a face (its detector on 1 thread) "
+        f"{a['track_ms']:.2f} ms, crop_faces (2 threads) {a['full_ms']:.2f} ms "
+        f"({a['full_ms'] / a['track_ms']:.1f}x).", "",
         f"Identification, the run evaluated on the test split ({ev['full']['protocol']} protocol, "
         f"n={ev['full']['n']}) of the corpus prepared with full detection vs with tracking (one tracker, source "
-        f"dialog:half; prepare's tracker frames full {tracked.full} / tracked {tracked.tracked} / lost {tracked.lost}):",
+        f"dialog:half; prepare's tracker frames full {tracked.full} / tracked {tracked.tracked} / tracked and "
+        f"searched again {tracked.refreshed} / lost {tracked.lost}):",
         "", "| faces | accuracy | macro-F1 | visual branch accuracy |", "|---|---|---|---|",
         *(f"| {name} | {ev[key]['accuracy']:.4f} | {ev[key]['macro_f1']:.4f} | "
           f"{'n/a' if vis[key] is None else f'{vis[key]:.4f}'} |"

@@ -558,8 +558,9 @@ def write_markdown(rows: list[dict], path: Path) -> None:
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
              "Window scope = 3 s windows every 1 s of one stream (corpus video frames 500 ms apart when --corpus is "
              "given), identified as the stream does (Engine.identify_overlapped): faces on each sampled frame once, as "
-             "the stream finds them (O-Net follows the previous frame's face; the batched MTCNN cascade on the first "
-             "frame, after a lost track and every [stream] face_redetect_s), crops cached across windows (2 new of 6 "
+             "the stream finds them (O-Net follows the previous frame's face, and every [stream] face_redetect_s also "
+             "searches for faces as large; the batched MTCNN cascade on the first frame and after a lost track), "
+             "crops cached across windows (2 new of 6 "
              "frames per window; a batch's new frames in one call, in a helper thread while the audio and text "
              "features are computed), log-mel chunks on the stream's 0.4 s grid (6-7 per window, each computed once) + "
              "tokenisation per window, forward per window. Transcripts: back-to-back speech segments (~13 words, ~3.3 s, no two alike), "

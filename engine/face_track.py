@@ -53,7 +53,7 @@ import torch
 from engine.face_detect import MIN_FACE, THRESHOLDS, area_crop_np
 from engine.faces import FACE_MARGIN, FACE_SIZE, crop_faces, crop_region, load_detector
 
-REDETECT_S = 4.0  # stream seconds between full detections of a tracked source
+REDETECT_S = 4.0  # stream seconds between searches of a tracked source's frame for faces as large
 MAX_GAP_S = 2.0  # a frame further than this from the source's previous frame is detected afresh
 MAX_SOURCES = 1024  # tracks kept at most (least recently used dropped)
 STEPS = 2  # O-Net passes per tracked frame, each from the square of the last one's box
@@ -66,7 +66,7 @@ THREADS = 1  # CPU threads of the tracker's detector
 class Track:
     box: np.ndarray | None  # float32 (4,) x1, y1, x2, y2 of the face followed; None: no face last frame
     time: float  # stream seconds of the frame the box is from
-    full_time: float  # stream seconds of the source's last full detection
+    full_time: float  # stream seconds of the source's last detection (full, or the periodic search)
 
 
 @dataclass

@@ -83,7 +83,10 @@ def fold_weight_transposes(model) -> int:
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run
-    time), after ``fold_weight_transposes`` so that shared, transposed weights count too."""
+    time), after ``fold_weight_transposes`` so that shared, transposed weights count too.
+    Weights per output channel: on the trained default preset's MiniLM the text CLS kept a
+    cosine of 0.977-0.989 to fp32 over the bench transcripts (0.900-0.934 per tensor), at
+    the same speed."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -93,7 +96,7 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
         fold_weight_transposes(model)
         onnx.save(model, str(folded), save_as_external_data=model.ByteSize() > EXTERNAL_DATA_BYTES)
         quantize_dynamic(str(folded), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                         use_external_data_format=model.ByteSize() > EXTERNAL_DATA_BYTES)
+                         per_channel=True, use_external_data_format=model.ByteSize() > EXTERNAL_DATA_BYTES)
     return Path(dst)
 
 
