@@ -650,3 +650,23 @@ def test_learned_guide_sparse_export_matches_pytorch(learned_guide_engine):
     for i, shape in enumerate(SHAPES[:3]):
         batch = random_batch(model.dims, *shape, seed=i)
         _assert_close(engine.run(batch), _reference(model, batch))
+
+
+def test_one_torch_thread_restores_the_count_and_is_per_thread():
+    """Feature code runs on one torch thread; the caller's count comes back after, and a
+    helper thread's setting does not change the caller's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.runtime import _one_torch_thread, one_torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with ThreadPoolExecutor(1, initializer=_one_torch_thread) as helper:
+            assert helper.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
