@@ -248,13 +248,14 @@ def area_crops(table: Tensor, image: Tensor, y0: Tensor, y1: Tensor, x0: Tensor,
     n, c, hp, wp = table.shape
     r0, r1 = _bins(y0, y1, size)  # (K, S)
     c0, c1 = _bins(x0, x1, size)
-    # the four corners of every bin, as flat positions in the table: one gather for all
-    r = torch.stack([r1, r0, r1, r0])  # (4, K, S)
-    col = torch.stack([c1, c1, c0, c0])  # (4, K, S)
-    plane = (image[:, None] * c + torch.arange(c, device=table.device)[None, :]) * (hp * wp)  # (K, C)
-    at = plane[None, :, :, None, None] + (r[:, :, :, None] * wp + col[:, :, None, :])[:, :, None]  # (4, K, C, S, S)
-    v = torch.take(table, at)
-    total = v[0] - v[1] - v[2] + v[3]  # (K, C, S, S)
+    flat = table.reshape(n * c, hp * wp)
+    rows = (image[:, None] * c + torch.arange(c, device=table.device)[None, :])  # (K, C) rows of flat
+
+    def corner(r: Tensor, col: Tensor) -> Tensor:  # (K, S), (K, S) -> (K, C, S, S)
+        pos = r[:, :, None] * wp + col[:, None, :]  # (K, S, S)
+        return flat[rows[:, :, None, None], pos[:, None, :, :]]
+
+    total = corner(r1, c1) - corner(r0, c1) - corner(r1, c0) + corner(r0, c0)
     count = (r1 - r0)[:, :, None] * (c1 - c0)[:, None, :]  # (K, S, S)
     return total.float() / count[:, None].float()
 
@@ -320,7 +321,12 @@ def largest_per_image(boxes: Tensor, image: Tensor, n: int) -> Tensor:
     return out.cpu()
 
 
-@functools.lru_cache(maxsize=8)
 def load_detector(device: str = "cpu", threads: int = 0) -> BatchedMTCNN:
-    """One detector per process, device and CPU thread count (0: torch's when first made)."""
+    """One detector per process, device and, on the CPU, thread count (0: torch's when
+    first made; the count means nothing to a CUDA detector, so it gets one whatever is asked)."""
+    return _detector(str(device), threads if torch.device(device).type == "cpu" else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _detector(device: str, threads: int) -> BatchedMTCNN:
     return BatchedMTCNN(device, threads=threads)

@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.face_detect import MIN_FACE, THRESHOLDS, area_crop_np
+from engine.face_detect import MIN_FACE, THRESHOLDS, area_crop_np, normalise
 from engine.faces import FACE_MARGIN, FACE_SIZE, crop_faces, crop_region, load_detector
 
 REDETECT_S = 4.0  # stream seconds between searches of a tracked source's frame for faces as large
@@ -165,7 +165,7 @@ class FaceTracker:
             start = _square(box)  # what the cascade hands O-Net: a square box
             net_in = np.stack([area_crop_np(frame, *_clip_box(b, frame.shape[1], frame.shape[0]), 48)
                                for frame, b in zip(frames, start)])  # (n, 3, 48, 48)
-            reg, _, prob = (o.cpu().numpy() for o in detector.onet(torch.from_numpy(_normalise(net_in))))
+            reg, _, prob = (o.cpu().numpy() for o in detector.onet(torch.from_numpy(normalise(net_in))))
             box = _regress(start, reg)
         ok = (prob[:, 1] > THRESHOLDS[2]) & (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
         box[~ok] = np.nan
@@ -184,7 +184,8 @@ class FaceTracker:
             self.tracks.popitem(last=False)
 
 
-# face_detect's box rules on float32 NumPy arrays (n, 4) x1, y1, x2, y2, operation for operation
+# face_detect's box rules (square, regress, clip_box) on float32 NumPy arrays (n, 4) x1, y1, x2, y2,
+# operation for operation (tests/test_face_track.py compares them)
 
 
 def _square(boxes: np.ndarray) -> np.ndarray:
@@ -205,9 +206,6 @@ def _clip_box(box: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
     x0, y0 = min(max(x1_, 1), w) - 1, min(max(y1_, 1), h) - 1
     return y0, max(min(y2_, h), y0 + 1), x0, max(min(x2_, w), x0 + 1)
 
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x - np.float32(127.5)) * np.float32(0.0078125)
 
 
 def _area(box: np.ndarray) -> float:

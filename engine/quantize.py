@@ -36,6 +36,7 @@ import numpy as np
 
 from engine.backends import numpy_inputs
 from engine.backends.feature_cache import SPARSE_SPLIT_GRAPHS, SPLIT_GRAPHS
+from engine.backends.onnx_backend import EXTERNAL_DATA_BYTES
 
 CNN_GRAPHS = ("visual", "audio", "visual_low", "audio_low")  # the split graphs that go int8
 # the CNN and text graphs in int8 beside the fp32 head: visual_cnn.int8.onnx, audio_cnn.int8.onnx, text.int8.onnx, head.onnx
@@ -46,7 +47,6 @@ SPARSE_SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in INT8_GRA
                             for k, v in SPARSE_SPLIT_GRAPHS.items()}
 CALIBRATION_ITEMS = 256  # frames / chunks per CNN at most
 CALIBRATION_BATCH = 32
-EXTERNAL_DATA_BYTES = 1 << 30  # larger graphs keep their weights in a .data file (protobuf's limit is 2 GiB)
 
 
 def fold_weight_transposes(model) -> int:
@@ -91,12 +91,13 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src))
+    fold_weight_transposes(model)
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES  # as export_onnx: weights beside the graph
     with tempfile.TemporaryDirectory() as tmp:
         folded = Path(tmp) / "folded.onnx"
-        fold_weight_transposes(model)
-        onnx.save(model, str(folded), save_as_external_data=model.ByteSize() > EXTERNAL_DATA_BYTES)
+        onnx.save(model, str(folded), save_as_external_data=large)
         quantize_dynamic(str(folded), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                         per_channel=True, use_external_data_format=model.ByteSize() > EXTERNAL_DATA_BYTES)
+                         per_channel=True, use_external_data_format=large)
     return Path(dst)
 
 

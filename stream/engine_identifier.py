@@ -131,7 +131,8 @@ class EngineIdentifier:
         """Load MTCNN and run the backend once, so the first live window does not pay for it."""
         size = self.params.face_size
         frame = np.zeros((2 * size, 2 * size, 3), np.uint8)
-        crops, found, _ = crop_faces([frame], size, self.params.face_margin, self.detect_device)
+        crops, found, _ = crop_faces([frame], size, self.params.face_margin, self.detect_device,
+                                     threads=self.tracker.threads)  # the tracker's detector
         audio = np.zeros(self.params.sample_rate, np.float32)
         self.engine.identify_raw([(crops, np.ones_like(found), audio, "hello")])
 

@@ -127,3 +127,21 @@ def test_a_larger_face_is_picked_up_when_the_search_comes_round(speaker):
     assert searched.stats.refreshed == 1 and boxes[2][0] > 224 and boxes[3][0] > 224  # the larger face from 1 s on
     _, _, kept = followed.crop([("a", 2.0, both)])
     assert kept[0][2] < 224  # following alone keeps the face it follows
+
+
+def test_numpy_box_rules_equal_the_cascades():
+    """The tracker's NumPy copies of the cascade's box rules give the same float32 numbers
+    (and clip rows) as face_detect's torch ones, on random boxes in and out of the frame."""
+    import torch
+
+    from engine.face_detect import clip_box, regress, square
+    from engine.face_track import _clip_box, _regress, _square
+
+    rng = np.random.default_rng(0)
+    corner = rng.uniform(-30, 250, (200, 2)).astype(np.float32)
+    boxes = np.concatenate([corner, corner + rng.uniform(1, 120, (200, 2)).astype(np.float32)], axis=1)
+    reg = rng.normal(0, 0.2, (200, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_square(boxes), square(torch.from_numpy(boxes)).numpy())
+    np.testing.assert_array_equal(_regress(boxes, reg), regress(torch.from_numpy(boxes), torch.from_numpy(reg)).numpy())
+    want = np.stack([v.numpy() for v in clip_box(torch.from_numpy(boxes), 224, 200)], axis=1)
+    np.testing.assert_array_equal(np.array([_clip_box(b, 224, 200) for b in boxes]), want)
