@@ -82,7 +82,7 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
     model's ``ModelDims.sparse_guide``."""
     import dataclasses
 
-    from engine.backends.feature_cache import SPLIT_FORMAT
+    from engine.backends.feature_cache import split_format
     from engine.dims import preset_dims
     from engine.export import export_engine
     from engine.features import FeatureParams
@@ -91,7 +91,7 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
     if (out / "engine.json").exists():
         info = json.loads((out / "engine.json").read_text())
         # engines from before the split graphs (sparse: before its split), dense ones without int8 CNNs: rebuild
-        if info.get("split_format") == SPLIT_FORMAT and (name != "mme2e" or info.get("split_int8_graphs") or not int8):
+        if info.get("split_format") == split_format(name) and (name != "mme2e" or info.get("split_int8_graphs") or not int8):
             return out
     torch.manual_seed(seed)
     dims = preset_dims(preset, name, n_persons)

@@ -205,14 +205,14 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
     export_onnx(model, out / "model.onnx")
     # per-frame CNN graphs (sparse: low-level maps, then the sparse stages per guide) + text + head:
     # what overlapping windows share is computed once (engine/backends/feature_cache.py)
-    from engine.backends.feature_cache import SPLIT_FORMAT, export_split
+    from engine.backends.feature_cache import export_split, split_format
 
     split = export_split(model, out)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     info = {
         "format_version": ENGINE_FORMAT_VERSION, "backend": backend, "graph": "model.onnx", "int8_graph": None,
-        "plan": None, "split_graphs": split, "split_format": SPLIT_FORMAT if split else None, "weights": "model.safetensors", "dims": json.loads(dims.to_json()), "persons": list(persons),
+        "plan": None, "split_graphs": split, "split_format": split_format(dims.name) if split else None, "weights": "model.safetensors", "dims": json.loads(dims.to_json()), "persons": list(persons),
         "features": features.to_dict(), "sparse_budget": list(dims.sparse_budget) or None,
         "flops_per_window": flops_report(model), "versions": versions(), "source": source,
     }

@@ -229,12 +229,40 @@ class SparseCNN(nn.Module):
                budget: Sequence[float] | None) -> tuple[Tensor, Tensor]:
         """The sparse stages alone: the low-level map x (N, C0, H/2, W/2), mask (N,), guide
         (N, G) -> (features (N, flat), kept sites per frame and stage (N, n_stages))."""
+        if budget is not None and not self.training and not torch.is_grad_enabled():
+            return self.sparse_budget_eval(channels_last(x), x.shape[2], x.shape[3], mask, guide, budget)
         active = mask[:, None, None].expand(-1, x.shape[2], x.shape[3])  # (N, H/2, W/2)
         kept = []
         for i, stage in enumerate(self.stages):
             x, active, count = stage(x, active, guide, threshold, None if budget is None else budget[i])
             kept.append(count)
         return x.flatten(1), torch.stack(kept, dim=1)
+
+    def low_maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Frames x (N, Cin, H, W) -> what the sparse stages need of them that no guide changes:
+        the low-level maps channels last (N, H/2*W/2, C0) and the first stage's attention keys
+        (N, H/2*W/2, A), both functions of the frame alone."""
+        rows = channels_last(self.low(x))
+        return rows, self.stages[0].attention.channel_proj(rows)
+
+    def sparse_budget_eval(self, x: Tensor, h: int, w: int, mask: Tensor, guide: Tensor, budget: Sequence[float],
+                           all_real: bool = False, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``sparse`` in evaluation with a fixed budget, through ``SparseStage.forward_budget``
+        (the same values): x the low-level maps channels last (N, h*w, C0), mask (N,) real frames,
+        guide (N, G); ``all_real``: every frame is real (the first stage needs no candidate
+        mask); ``keys``: the first stage's attention keys (``low_maps``) when the caller has them."""
+        active = None if all_real else mask[:, None].expand(-1, h * w)  # (N, h*w)
+        kept = []
+        for i, (stage, fraction) in enumerate(zip(self.stages, budget)):
+            x, active, count = stage.forward_budget(x, active, guide, h, w, fraction, keys if i == 0 else None)
+            h, w = h // 2, w // 2
+            kept.append(count)
+        return x.transpose(1, 2).flatten(1), torch.stack(kept, dim=1)  # (N, C*h*w) as an NCHW map's flatten
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, H*W, C)."""
+    return x.flatten(2).transpose(1, 2)
 
 
 class MME2ESparse(_MME2EBase):
@@ -326,22 +354,30 @@ class MME2ESparse(_MME2EBase):
             guide = torch.where(swap[:, None], guide.roll(1, 0), guide)
         return guide
 
-    def low_features(self, modality: str, x: Tensor) -> Tensor:
-        """One modality's frames or chunks x (N, Cin, H, W) -> their dense low-level maps
-        (N, stem_channels, H/2, W/2): the part of the sparse CNN that does not see the text,
-        so a frame's map may be reused with any guide."""
-        return (self.audio_cnn if modality == "audio" else self.visual_cnn).low(x)
+    def low_maps(self, modality: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One modality's frames or chunks x (N, Cin, H, W) -> the part of the sparse CNN's work
+        that does not see the text (``SparseCNN.low_maps``: low-level maps channels last
+        (N, H/2*W/2, stem_channels) and the first stage's attention keys (N, H/2*W/2, A)), so
+        a frame's may be reused with any guide."""
+        return (self.audio_cnn if modality == "audio" else self.visual_cnn).low_maps(x)
 
-    def sparse_embedding(self, modality: str, low: Tensor, text_cls: Tensor, text_present: Tensor) -> Tensor:
-        """Low-level maps low (N, stem_channels, h, w) of N real frames or chunks, and the
-        text CLS (N, Ht) and text presence (N,) of the window each belongs to -> projected
-        CNN outputs (N, trans_dim): what the sparse model computes from a frame and its
-        window's guide (``text_guide``), for ``forward_from_features``."""
+    def sparse_embedding(self, modality: str, low: Tensor, keys: Tensor, text_cls: Tensor,
+                         text_present: Tensor) -> Tensor:
+        """``low_maps`` of N real frames or chunks (low (N, h*w, stem_channels), keys (N, h*w, A)),
+        and the text CLS (N, Ht) and text presence (N,) of the window each belongs to ->
+        projected CNN outputs (N, trans_dim): what the sparse model computes from a frame and
+        its window's guide (``text_guide``), for ``forward_from_features``. Evaluation with a
+        fixed budget (what the split export serves); otherwise the keys are computed again."""
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
         seq = self.audio_seq if modality == "audio" else self.visual_seq
+        h, w = self.dims.grids(modality)[0]
         real = torch.ones_like(text_present, dtype=torch.bool)  # (N,) every row is a real frame
-        feats, _ = cnn.sparse(low, real, self.text_guide(text_cls, text_present), self.dims.sparse_threshold,
-                              self.sparse_budget)
+        guide = self.text_guide(text_cls, text_present)
+        if self.sparse_budget is not None and not self.training and not torch.is_grad_enabled():
+            feats, _ = cnn.sparse_budget_eval(low, h, w, real, guide, self.sparse_budget, all_real=True, keys=keys)
+        else:
+            nchw = low.transpose(1, 2).reshape(low.shape[0], low.shape[2], h, w)  # (N, stem_channels, h, w)
+            feats, _ = cnn.sparse(nchw, real, guide, self.dims.sparse_threshold, self.sparse_budget)
         return seq.proj(feats)  # (N, trans_dim)
 
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:

@@ -12,8 +12,9 @@ Two kinds, by what runs fastest on the CPU (measured, BENCHMARKS.md):
   CNN graphs with static int8 convolutions (QDQ format: per-channel int8 weights,
   uint8 activations whose ranges come from calibration inputs), served with
   ``head.onnx`` in fp32 by the cached backend; sparse model, the same for its
-  low-level graphs and its sparse-stage graphs (their gathered-convolution
-  matmuls). Static int8 halves the CNNs' time here.
+  low-level graphs and its sparse-stage graphs (their gathered convolutions and
+  pooling; the attention's elementwise work stays fp32). Static int8 halves the
+  CNNs' time here.
 
 Calibration inputs are real model inputs: with ``--data``, face frames and audio
 chunks of training-split utterances; without, those of the bench's stream (what
@@ -35,7 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from engine.backends import numpy_inputs
-from engine.backends.feature_cache import SPARSE_SPLIT_GRAPHS, SPLIT_GRAPHS
+from engine.backends.feature_cache import LOW_OUTPUTS, SPARSE_SPLIT_GRAPHS, SPLIT_GRAPHS
 from engine.backends.onnx_backend import EXTERNAL_DATA_BYTES
 
 CNN_GRAPHS = ("visual", "audio", "visual_low", "audio_low")  # the split graphs that go int8
@@ -45,6 +46,11 @@ SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in INT8_GRAPHS els
 # sparse: the low-level and sparse-stage graphs in int8 (visual_low.int8.onnx, ..., visual_sparse.int8.onnx, ...)
 SPARSE_SPLIT_INT8_GRAPHS = {k: v.replace(".onnx", ".int8.onnx") if k in INT8_GRAPHS else v
                             for k, v in SPARSE_SPLIT_GRAPHS.items()}
+# The sparse-stage graphs' ops that go int8: the gathered convolutions (Gather, Concat of the
+# zero row, Gemm, Relu), the pooling's gather and max, the projections. The attention's
+# elementwise work (keys + query, tanh, the score) stays fp32: quantised, its Q/DQ pairs on
+# (N, h*w, A) tensors cost more than the int8 arithmetic saves (BENCHMARKS.md, session 11).
+SPARSE_STAGE_INT8_OPS = ("Gemm", "MatMul", "Gather", "Concat", "Relu", "Reshape", "ReduceMax", "Transpose", "Flatten")
 CALIBRATION_ITEMS = 256  # frames / chunks per CNN at most
 CALIBRATION_BATCH = 32
 
@@ -81,6 +87,16 @@ def fold_weight_transposes(model) -> int:
     return len(renamed)
 
 
+def attention_scores(path: str | Path) -> list[str]:
+    """Names of the nodes of an ONNX graph that take a Tanh's output: the sparse stages'
+    attention scores (v . tanh(...)), kept fp32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tanh = {o for node in graph.node if node.op_type == "Tanh" for o in node.output}
+    return [node.name for node in graph.node if tanh.intersection(node.input)]
+
+
 def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run
     time), after ``fold_weight_transposes`` so that shared, transposed weights count too.
@@ -102,7 +118,8 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
 
 
 def quantize_static_int8(src: str | Path, dst: str | Path, items: np.ndarray | list[dict[str, np.ndarray]],
-                         symbolic_shapes: bool = True) -> Path:
+                         symbolic_shapes: bool = True, op_types: Sequence[str] | None = None,
+                         exclude: Sequence[str] = ()) -> Path:
     """Static QDQ int8 of a CNN graph: per-channel int8 weights, uint8 activations calibrated
     (min/max) on ``items``: for a one-input graph its inputs (N, ...) float32, else a list
     of feed dicts. ``symbolic_shapes`` False: ONNX shape inference only (ONNX Runtime's
@@ -128,7 +145,8 @@ def quantize_static_int8(src: str | Path, dst: str | Path, items: np.ndarray | l
         # shape inference + graph clean-up, as the quantizer expects
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=not symbolic_shapes)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=list(exclude))
     return Path(dst)
 
 
@@ -150,7 +168,7 @@ def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, 
     """Static int8 low-level and sparse-stage graphs beside a sparse engine folder's split
     graphs, calibrated on the inputs they get from calibration Batches: the frames and
     chunks for the low-level graphs, and for the sparse stages their fp32 low-level maps
-    with the text CLS of their window; and the dynamic int8 text graph;
+    and keys with the text CLS of their window; and the dynamic int8 text graph;
     -> SPARSE_SPLIT_INT8_GRAPHS."""
     from engine.backends.feature_cache import CachedOnnxBackend
 
@@ -170,13 +188,17 @@ def write_sparse_split_int8(folder: str | Path, batches: Sequence) -> dict[str, 
                 session = fp32.sessions[f"{modality}_low"]
                 inputs = {session.get_inputs()[0].name: np.ascontiguousarray(items[b[rows], f[rows]])}
                 feeds[f"{modality}_low"].append(inputs)
-                low = session.run(None, inputs)[0]
-                feeds[modality].append({"low": low, "text_cls": text_cls[b[rows]], "text_present": present[b[rows]]})
+                low = dict(zip(LOW_OUTPUTS, session.run(None, inputs)))  # the low-level map and keys
+                feeds[modality].append({**low, "text_cls": text_cls[b[rows]], "text_present": present[b[rows]]})
     for key, items in feeds.items():
         if not items:
             raise ValueError("int8 calibration needs at least one face frame and one audio chunk")
-        quantize_static_int8(folder / SPARSE_SPLIT_GRAPHS[key], folder / SPARSE_SPLIT_INT8_GRAPHS[key],
-                             items, symbolic_shapes=key.endswith("_low"))
+        src = folder / SPARSE_SPLIT_GRAPHS[key]
+        if key.endswith("_low"):
+            quantize_static_int8(src, folder / SPARSE_SPLIT_INT8_GRAPHS[key], items)
+        else:
+            quantize_static_int8(src, folder / SPARSE_SPLIT_INT8_GRAPHS[key], items, symbolic_shapes=False,
+                                 op_types=SPARSE_STAGE_INT8_OPS, exclude=attention_scores(src))
     quantize_dynamic_int8(folder / SPARSE_SPLIT_GRAPHS["text"], folder / SPARSE_SPLIT_INT8_GRAPHS["text"])
     return dict(SPARSE_SPLIT_INT8_GRAPHS)
 

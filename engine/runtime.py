@@ -287,11 +287,11 @@ def _open_backend(choice: str, path: Path, info: dict, dims: ModelDims, threads:
 
 def _split_graphs_usable(path: Path, info: dict) -> bool:
     """Split graphs in the current format (older exports: CNN graphs before the projection, the text encoder in the head)."""
-    from engine.backends.feature_cache import SPLIT_FORMAT
+    from engine.backends.feature_cache import split_format
 
     if not info.get("split_graphs"):
         return False
-    if info.get("split_format", 1) != SPLIT_FORMAT:
+    if info.get("split_format", 1) != split_format(info.get("dims", {}).get("name", "mme2e")):
         log.warning("%s: split graphs of an older export; the feature cache is off until it is exported again", path)
         return False
     return True

@@ -45,26 +45,44 @@ class Sites:
     def padded_index(self) -> Tensor:
         """(K,) indices into the flattened zero-padded (N+1, H+2, W+2) grid; an invalid site's
         row goes to the centre of the extra frame N (a scratch cell that no valid site reads)."""
-        hw = self.h * self.w
-        frame, rest = self.flat // hw, self.flat % hw
-        y, x = rest // self.w, rest % self.w
+        frame, rest = _divmod(self.flat, self.h * self.w)
+        y, x = _divmod(rest, self.w)
         index = frame * ((self.h + 2) * (self.w + 2)) + (y + 1) * (self.w + 2) + (x + 1)
         scratch = self.n * ((self.h + 2) * (self.w + 2)) + (self.w + 2) + 1
         return torch.where(self.valid, index, torch.full_like(index, scratch))
 
-    def neighbour_table(self) -> Tensor:
+    def neighbour_table(self, index: Tensor | None = None, slot: Tensor | None = None) -> Tensor:
         """(K, 9) the row of each site's 3x3 neighbours (dy, dx in -1..1, row-major), K
         where the neighbour is not an active site: a submanifold convolution's rulebook,
         made once per stage and used by each of its convolutions. Invalid sites see only
         each other (all share the scratch cell)."""
-        index = self.padded_index()  # (K,)
+        index = self.padded_index() if index is None else index  # (K,)
         K, w2 = index.shape[0], self.w + 2
-        row = torch.arange(K, device=index.device)
-        slot = torch.full(((self.n + 1) * (self.h + 2) * w2,), K, dtype=row.dtype, device=index.device)
-        slot = slot.index_put((index,), row)  # ((N+1)*(H+2)*(W+2),) the row at each cell, K where none
+        slot = self.row_map(index) if slot is None else slot  # ((N+1)*(H+2)*(W+2),)
         step = torch.arange(-1, 2, device=index.device)  # (3,) built on the device: no host copy (CUDA graphs)
         offsets = (step[:, None] * w2 + step[None, :]).reshape(9)  # (9,) dy * (W+2) + dx
-        return slot[index[:, None] + offsets[None, :]]  # (K, 9)
+        return slot.index_select(0, (index[:, None] + offsets[None, :]).reshape(-1)).view(K, 9)  # (K, 9)
+
+    def row_map(self, index: Tensor | None = None) -> Tensor:
+        """((N+1)*(H+2)*(W+2),) the row of the site at each cell of the padded grid, K where there
+        is none (``index``: ``padded_index()`` when the caller has it)."""
+        index = self.padded_index() if index is None else index
+        K = index.shape[0]
+        row = torch.arange(K, device=index.device)
+        slot = torch.full(((self.n + 1) * (self.h + 2) * (self.w + 2),), K, dtype=row.dtype, device=index.device)
+        return slot.index_put((index,), row)
+
+    def pool_rows(self, slot: Tensor) -> Tensor:
+        """slot = ``row_map()`` -> (N*H*W,) the row of the site at each grid position, K where
+        there is none (an invalid site, at the scratch cell, is at none), positions in pooling
+        order: frame, then the 2x2 windows in raster order, then the window's four positions
+        (raster order), so that a max over each group of four is the 2x2 stride-2 max-pool."""
+        device = slot.device
+        yy = torch.arange(self.h // 2, device=device)[:, None, None, None] * 2 + torch.arange(2, device=device)[:, None]
+        xx = torch.arange(self.w // 2, device=device)[None, :, None, None] * 2 + torch.arange(2, device=device)
+        inner = ((yy + 1) * (self.w + 2) + xx + 1).reshape(-1)  # (H*W,) in (y2, x2, dy, dx) order
+        frame = torch.arange(self.n, device=device)[:, None] * ((self.h + 2) * (self.w + 2))  # (N, 1)
+        return slot.index_select(0, (frame + inner[None, :]).reshape(-1))
 
     def scratch_flat(self) -> Tensor:
         """(K,) indices into a flattened (N*H*W + 1) map: the site's own, N*H*W for an invalid site."""
@@ -234,6 +252,13 @@ class CrossModalAttention(nn.Module):
         return self.score(torch.tanh(keys + query)).squeeze(-1).float()  # (N, H*W)
 
 
+def _divmod(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """Quotient and remainder of non-negative integers a by b (exported as one Div, one Mul
+    and one Sub: floor division's sign handling is not needed)."""
+    q = torch.div(a, b, rounding_mode="trunc")
+    return q, a - q * b
+
+
 class SparseStage(nn.Module):
     """Attention-based site selection, then submanifold conv blocks, then sparse max-pool.
 
@@ -269,3 +294,41 @@ class SparseStage(nn.Module):
             rows = block(rows, table, sites.valid)
         pooled, active = sparse_max_pool(rows, sites)
         return pooled, active, sites.per_frame()
+
+    def forward_budget(self, x: Tensor, candidates: Tensor | None, guide: Tensor, h: int, w: int, budget: float,
+                       keys: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Evaluation with a fixed budget, channels last: the same values as ``forward`` with
+        fewer, cheaper graph ops (what the exported and int8 graphs run).
+
+        x (N, h*w, C) channels last, candidates (N, h*w) bool (None: every site), guide (N, G),
+        keys (N, h*w, A): ``attention.channel_proj(x)`` when the caller has it (it depends on x
+        alone) -> (pooled map (N, h*w/4, Cout) channels last, its active sites (N, h*w/4) bool,
+        kept sites per frame (N,)).
+
+        The pooling gathers the rows onto the grid in pooling order (a zero row where no valid
+        site is) and takes the max over each window's four: the rows are ReLU outputs (>= 0), so the zeros of inactive sites never
+        exceed an active input and a window without one pools to zero, as ``sparse_max_pool``
+        gives. No -inf fill, no scatter of rows and no transposes; in a static int8 graph the
+        gather runs on uint8."""
+        N, P, C = x.shape
+        att = self.attention
+        keys = att.channel_proj(x) if keys is None else keys  # (N, P, A)
+        logits = att.score(torch.tanh(keys + att.guide_proj(guide)[:, None, :])).squeeze(-1).float()  # (N, P)
+        if candidates is not None:
+            logits = logits.masked_fill(~candidates, float("-inf"))
+        chosen = logits.topk(budget_count(budget, P), dim=-1, sorted=False).indices  # (N, k) in any order
+        base = torch.arange(N, device=x.device)[:, None] * P  # (N, 1)
+        flat = (base + chosen).flatten()  # (K,) K = N*k
+        valid = torch.ones_like(flat, dtype=torch.bool) if candidates is None else candidates.gather(1, chosen).flatten()
+        sites = Sites(flat, valid, N, h, w)
+        rows = x.reshape(N * P, C).index_select(0, flat)  # (K, C)
+        index = sites.padded_index()  # (K,)
+        slot = sites.row_map(index)  # the rulebook's map, used again by the pooling
+        table = sites.neighbour_table(index, slot)  # (K, 9)
+        for block in self.blocks:
+            rows = block(rows, table, valid)
+        at = sites.pool_rows(slot)  # (N*P,) row at each position in pooling order, K where none
+        padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # (K+1, Cout): row K reads as zero
+        pooled = padded.index_select(0, at).view(N, P // 4, 4, padded.shape[1]).amax(2)  # (N, P/4, Cout)
+        active = (at < flat.shape[0]).view(N, P // 4, 4).any(-1)  # (N, P/4) windows with a valid site
+        return pooled, active, valid.view(N, chosen.shape[1]).float().sum(1)

@@ -193,3 +193,40 @@ def test_attention_entropy_is_normalised_and_differentiable():
     assert value.item() < 0.01  # nearly one-hot on the counted rows
     value.backward()
     assert torch.isfinite(logits.grad).all()  # no NaN from the -inf entries
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.9])  # 0.9: more sites than candidates, so invalid rows
+def test_budget_evaluation_equals_the_stage(budget):
+    """``forward_budget`` (channels last, the pooling gathered, what the exported graphs run)
+    gives the stage's values, active sites and counts, with and without precomputed keys."""
+    torch.manual_seed(4)
+    stage = SparseStage(4, 8, convs=2, guide_dim=6)
+    for block in stage.blocks:  # a BatchNorm that is not the identity
+        block.norm.running_mean.uniform_(-0.5, 0.5)
+        block.norm.running_var.uniform_(0.5, 2.0)
+    stage.eval()
+    x, guide = torch.randn(3, 4, 8, 6), torch.randn(3, 6)
+    candidates = torch.rand(3, 8, 6) > 0.5
+    candidates[2] = False  # a padded frame
+    pooled, active, count = stage(x, candidates, guide, 0.8, budget)
+    rows = x.flatten(2).transpose(1, 2)  # (3, 48, 4) channels last
+    with torch.no_grad():
+        for keys in (None, stage.attention.channel_proj(rows)):
+            got, got_active, got_count = stage.forward_budget(rows, candidates.flatten(1), guide, 8, 6, budget, keys)
+            assert torch.allclose(got, pooled.detach().flatten(2).transpose(1, 2), atol=1e-6)
+            assert torch.equal(got_active, active.flatten(1)) and torch.equal(got_count, count)
+        all_sites = stage.forward_budget(rows, None, guide, 8, 6, budget)[0]
+        full = stage(x, torch.ones(3, 8, 6, dtype=torch.bool), guide, 0.8, budget)[0]
+        assert torch.allclose(all_sites, full.flatten(2).transpose(1, 2), atol=1e-6)
+
+
+def test_pool_rows_group_each_window():
+    """``Sites.pool_rows``: the rows at the four positions of each 2x2 window side by side, K
+    where no valid site is (an invalid site sits at the scratch cell, not at its position)."""
+    flat = torch.tensor([0, 5, 7, 9, 12])  # on a (2, 4, 2) grid; the last one invalid
+    sites = Sites(flat, torch.tensor([True, True, True, True, False]), 2, 4, 2)
+    at = sites.pool_rows(sites.row_map())  # (16,)
+    row = {f: r for r, f in enumerate([0, 5, 7, 9])}
+    want = [row.get(frame * 8 + (2 * y2 + dy) * 2 + dx, 5)
+            for frame in range(2) for y2 in range(2) for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))]
+    assert at.tolist() == want

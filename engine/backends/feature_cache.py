@@ -31,15 +31,16 @@ The sparse model's sites are chosen by attention guided by each window's
 transcript, so its CNN output is a function of a frame and a guide. Its engine
 folder splits the CNN where the guide enters:
 
-    visual_low.onnx     faces (N, 3, S, S)          -> low (N, C0, S/2, S/2)
-    audio_low.onnx      audio (N, 1, n_mels, frames) -> low (N, C0, n_mels/2, frames/2)
-    visual_sparse.onnx  low, text_cls (N, Ht), text_present (N,) -> visual_feats (N, trans_dim)
+    visual_low.onnx     faces (N, 3, S, S)          -> low (N, S/2*S/2, C0), keys (N, S/2*S/2, A)
+    audio_low.onnx      audio (N, 1, n_mels, frames) -> the same on the (n_mels/2, frames/2) grid
+    visual_sparse.onnx  low, keys, text_cls (N, Ht), text_present (N,) -> visual_feats (N, trans_dim)
     audio_sparse.onnx   the same for chunks          -> audio_feats (N, trans_dim)
 
-(the fixed-budget sparse stages and the projection; the guide is the transcript's
-CLS, or the learned no-text query), with text.onnx and head.onnx as above. A
-frame's low-level map is computed once; its sparse stages once per transcript it
-is seen with. Overlapping windows mostly share their transcript with a neighbour,
+(low: the low-level map channels last; keys: the first sparse stage's attention keys,
+which depend on the map alone; then the fixed-budget sparse stages and the
+projection, whose guide is the transcript's CLS, or the learned no-text query),
+with text.onnx and head.onnx as above. A frame's low-level map and keys are
+computed once; its sparse stages once per transcript it is seen with. Overlapping windows mostly share their transcript with a neighbour,
 so most of a window's frames and chunks come with a guide seen before.
 """
 
@@ -62,12 +63,21 @@ SPLIT_GRAPHS = {"visual": "visual_cnn.onnx", "audio": "audio_cnn.onnx", "text": 
 # the sparse model: low-level maps per frame/chunk, then the sparse stages per (frame/chunk, guide)
 SPARSE_SPLIT_GRAPHS = {"visual_low": "visual_low.onnx", "audio_low": "audio_low.onnx", "visual": "visual_sparse.onnx",
                        "audio": "audio_sparse.onnx", "text": "text.onnx", "head": "head.onnx"}
-# low-level maps kept per modality (paper sizes: 144 KB per face, 256 KB per audio chunk);
+# low-level maps and keys kept per modality (paper sizes: 2 x 144 KB per face, 2 x 256 KB per audio chunk);
 # overlapping windows of a stream reuse a map for about 3 s (~2.5 chunks and 2 frames per s)
 LOW_MAP_ROWS = 128
+LOW_OUTPUTS = ("low", "keys")  # the low-level graphs' outputs, inputs of the sparse-stage graphs
 # 3: a text graph of its own, the head takes its CLS; 2: the text encoder inside the head;
 # 1: CNN graphs without the projection to trans_dim
 SPLIT_FORMAT = 3
+# the sparse model's split graphs: 4: the low-level graphs give the map channels last and the
+# first stage's attention keys; 3: the map (N, C0, h, w) alone
+SPARSE_SPLIT_FORMAT = 4
+
+
+def split_format(model_name: str) -> int:
+    """The current format of a model's split graphs (``engine.json``'s ``split_format``)."""
+    return SPARSE_SPLIT_FORMAT if model_name == "mme2e_sparse" else SPLIT_FORMAT
 # head.onnx inputs, in _Head.forward's order -> names of their dynamic axes (axis 0, then axis 1)
 HEAD_AXES = {"visual_feats": ("batch", "frames"), "face_mask": ("batch", "frames"), "audio_feats": ("batch", "chunks"),
              "audio_mask": ("batch", "chunks"), "text_cls": ("batch",), "text_present": ("batch",)}
@@ -88,8 +98,8 @@ class _Low(nn.Module):
         super().__init__()
         self.model, self.modality = model, modality
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.low_features(self.modality, x)  # (N, stem_channels, H/2, W/2)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.low_maps(self.modality, x)  # (N, H/2*W/2, stem_channels), (N, H/2*W/2, A)
 
 
 class _Sparse(nn.Module):
@@ -97,8 +107,9 @@ class _Sparse(nn.Module):
         super().__init__()
         self.model, self.modality = model, modality
 
-    def forward(self, low: torch.Tensor, text_cls: torch.Tensor, text_present: torch.Tensor) -> torch.Tensor:
-        return self.model.sparse_embedding(self.modality, low, text_cls, text_present)  # (N, trans_dim)
+    def forward(self, low: torch.Tensor, keys: torch.Tensor, text_cls: torch.Tensor,
+                text_present: torch.Tensor) -> torch.Tensor:
+        return self.model.sparse_embedding(self.modality, low, keys, text_cls, text_present)  # (N, trans_dim)
 
 
 class _Text(nn.Module):
@@ -146,12 +157,12 @@ def export_split(model: nn.Module, folder: str | Path) -> dict[str, str]:
         if not sparse:
             _export(_CNN(model, modality), (x,), {"x": {0: n}}, [name], [f"{modality}_feats"], folder / graphs[modality])
             continue
-        _export(_Low(model, modality), (x,), {"x": {0: n}}, [name], ["low"], folder / graphs[f"{modality}_low"])
+        _export(_Low(model, modality), (x,), {"x": {0: n}}, [name], list(LOW_OUTPUTS), folder / graphs[f"{modality}_low"])
         with torch.no_grad():
-            low = model.low_features(modality, x)  # (3, stem_channels, h, w)
+            low = model.low_maps(modality, x)  # (3, h*w, stem_channels), (3, h*w, A)
         guide = (torch.randn(3, d.text_hidden, generator=g), torch.tensor([True, False, True]))
-        _export(_Sparse(model, modality), (low, *guide), {"low": {0: n}, "text_cls": {0: n}, "text_present": {0: n}},
-                ["low", "text_cls", "text_present"], [f"{modality}_feats"], folder / graphs[modality])
+        _export(_Sparse(model, modality), (*low, *guide), {k: {0: n} for k in ("low", "keys", "text_cls", "text_present")},
+                [*LOW_OUTPUTS, "text_cls", "text_present"], [f"{modality}_feats"], folder / graphs[modality])
     B, F, C, L = 2, 3, 4, 5  # >= 2: size-1 examples get specialised
     axes = {
         "batch": torch.export.Dim("batch", min=1, max=4096), "frames": torch.export.Dim("frames", min=1, max=4096),
@@ -230,9 +241,11 @@ class CachedOnnxBackend:
             self.caches.update({f"{m}_low": FeatureCache(min(capacity, LOW_MAP_ROWS)) for m in ("visual", "audio")})
         self.name, self.device, self.path = name, device, folder
 
-    def _run_new(self, cache_name: str, keys: list[bytes | None], inputs) -> list[np.ndarray | None]:
+    def _run_new(self, cache_name: str, keys: list[bytes | None], inputs) -> list:
         """One row per key (None: no input, no row): cached rows, and one call of the graph
-        ``cache_name`` on ``inputs(indices)`` for the first index of every key not seen yet."""
+        ``cache_name`` on ``inputs(indices)`` for the first index of every key not seen yet.
+        A row is the item's slice of the graph's output, or of each of its outputs (a tuple)
+        for a graph with several."""
         cache = self.caches[cache_name]
         rows: list[np.ndarray | None] = [None] * len(keys)
         todo: dict[bytes, list[int]] = {}
@@ -248,9 +261,10 @@ class CachedOnnxBackend:
         cache.hits += sum(k is not None for k in keys) - len(todo)
         if todo:
             feeds = inputs([places[0] for places in todo.values()])
-            out = self.sessions[cache_name].run(None, feeds)[0]  # (N, ...): one call for every new item
-            for (key, places), row in zip(todo.items(), out):
-                row = row.copy()  # a row of its own: the call's output array is not kept alive
+            outs = self.sessions[cache_name].run(None, feeds)  # each (N, ...): one call for every new item
+            for n, (key, places) in enumerate(todo.items()):
+                # rows of their own: the call's output arrays are not kept alive
+                row = outs[0][n].copy() if len(outs) == 1 else tuple(o[n].copy() for o in outs)
                 cache.put(key, row)
                 for i in places:
                     rows[i] = row
@@ -277,7 +291,8 @@ class CachedOnnxBackend:
                 lows = self._run_new(f"{modality}_low", [keys[i] for i in idx],
                                      lambda sub: {low_name: np.stack([items[places[idx[j]]] for j in sub])})
                 windows = [places[i][0] for i in idx]
-                return {"low": np.stack(lows), "text_cls": text_cls[windows], "text_present": present[windows]}
+                maps = {name: np.stack([low[k] for low in lows]) for k, name in enumerate(LOW_OUTPUTS)}
+                return {**maps, "text_cls": text_cls[windows], "text_present": present[windows]}
 
             rows = self._run_new(modality, [k + guide_keys[b] for k, (b, _) in zip(keys, places)], inputs)
         out = np.zeros((B, F, session.get_outputs()[0].shape[1]), dtype=np.float32)
