@@ -75,12 +75,13 @@ class TrackStats:
     tracked: int = 0  # frames whose face O-Net followed from the previous frame
     lost: int = 0  # tracked frames O-Net rejected (then fully detected)
     refreshed: int = 0  # followed frames also searched for faces as large (every redetect_s)
+    cascade_calls: int = 0  # calls of the full cascade (each on all the frames it detects at once)
 
 
 class FaceTracker:
     """``crop(items)``: face crops of (source, stream time, RGB frame) items, tracking each
-    source's face between calls. ``redetect_s`` 0 turns tracking off (every frame detected),
-    as does a CUDA ``device`` (see the module doc)."""
+    source's face between calls. ``redetect_s`` 0 turns tracking off (every frame detected,
+    all of a call's frames in one cascade call), as does a CUDA ``device`` (see the module doc)."""
 
     def __init__(self, size: int = FACE_SIZE, margin: int = FACE_MARGIN, device: str = "cpu",
                  redetect_s: float = REDETECT_S, max_gap_s: float = MAX_GAP_S, max_sources: int = MAX_SOURCES,
@@ -99,7 +100,11 @@ class FaceTracker:
         crops = np.zeros((n, self.size, self.size, 3), np.uint8)
         boxes = np.full((n, 4), np.nan, np.float32)
         by_source: dict[str, list[int]] = {}
-        for i in sorted(range(n), key=lambda i: items[i][1]):
+        order = sorted(range(n), key=lambda i: items[i][1])
+        if self.redetect_s <= 0:  # no tracking: no frame depends on another, so one cascade call for all
+            self._detect([items[i] for i in order], crops, boxes, order)
+            return crops, ~np.isnan(boxes).any(axis=1), boxes
+        for i in order:
             by_source.setdefault(items[i][0], []).append(i)
         for rank in range(max((len(v) for v in by_source.values()), default=0)):
             step = [v[rank] for v in by_source.values() if rank < len(v)]
@@ -129,12 +134,17 @@ class FaceTracker:
                 boxes[where[k]], crops[where[k]] = box, crop
                 self._remember(source, t, box, full=refresh)
         if full:
-            c, _, b = crop_faces([items[k][2] for k in full], self.size, self.margin, self.device,
-                                 threads=self.threads)
-            self.stats.full += len(full)
-            for k, crop, box in zip(full, c, b):
-                boxes[where[k]], crops[where[k]] = box, crop
-                self._remember(items[k][0], items[k][1], None if np.isnan(box).any() else box, full=True)
+            self._detect([items[k] for k in full], crops, boxes, [where[k] for k in full])
+
+    def _detect(self, items: list[tuple[str, float, np.ndarray]], crops: np.ndarray, boxes: np.ndarray,
+                where: list[int]) -> None:
+        """The full cascade on every item's frame in one call (items of a source in time order)."""
+        c, _, b = crop_faces([frame for _, _, frame in items], self.size, self.margin, self.device, threads=self.threads)
+        self.stats.full += len(items)
+        self.stats.cascade_calls += 1
+        for (source, t, _), w, crop, box in zip(items, where, c, b):
+            boxes[w], crops[w] = box, crop
+            self._remember(source, t, None if np.isnan(box).any() else box, full=True)
 
     def _followable(self, source: str, t: float) -> bool:
         track = self.tracks.get(source)

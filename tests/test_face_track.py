@@ -68,6 +68,8 @@ def test_without_tracking_crops_equal_the_full_cascade(speaker):
     np.testing.assert_array_equal(got[0], crops)
     np.testing.assert_array_equal(got[2], boxes)
     assert tracker.stats.full == len(frames) and tracker.stats.tracked == 0
+    # no frame waits for another's box: one cascade call for all (a GPU detects thousands a call)
+    assert tracker.stats.cascade_calls == 1
 
 
 def test_full_detection_again_after_redetect_s_a_gap_and_a_lost_face(speaker):
