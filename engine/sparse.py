@@ -42,13 +42,23 @@ class Sites:
     h: int
     w: int
 
-    def padded_index(self) -> Tensor:
+    def padded_index(self, chosen: Tensor | None = None) -> Tensor:
         """(K,) indices into the flattened zero-padded (N+1, H+2, W+2) grid; an invalid site's
-        row goes to the centre of the extra frame N (a scratch cell that no valid site reads)."""
-        frame, rest = _divmod(self.flat, self.h * self.w)
-        y, x = _divmod(rest, self.w)
-        index = frame * ((self.h + 2) * (self.w + 2)) + (y + 1) * (self.w + 2) + (x + 1)
-        scratch = self.n * ((self.h + 2) * (self.w + 2)) + (self.w + 2) + 1
+        row goes to the centre of the extra frame N (a scratch cell that no valid site reads).
+        ``chosen`` (N, k): the sites' positions within their frames when they are k per frame
+        (fixed budget, flat = frame * H*W + chosen), found then by a table lookup instead of
+        integer division (exported, a division runs through float32, inexact past 2**24)."""
+        hw, side = self.h * self.w, (self.h + 2) * (self.w + 2)
+        if chosen is None:
+            frame, rest = self.flat // hw, self.flat % hw
+            index = frame * side + (rest // self.w + 1) * (self.w + 2) + (rest % self.w + 1)
+        else:
+            device = chosen.device
+            inner = ((torch.arange(self.h, device=device)[:, None] + 1) * (self.w + 2)
+                     + torch.arange(self.w, device=device)[None, :] + 1).reshape(-1)  # (H*W,) a position's padded cell
+            frame = torch.arange(chosen.shape[0], device=device)[:, None] * side  # (N, 1)
+            index = (frame + inner.index_select(0, chosen.reshape(-1)).view(chosen.shape)).reshape(-1)
+        scratch = self.n * side + (self.w + 2) + 1
         return torch.where(self.valid, index, torch.full_like(index, scratch))
 
     def neighbour_table(self, index: Tensor | None = None, slot: Tensor | None = None) -> Tensor:
@@ -252,13 +262,6 @@ class CrossModalAttention(nn.Module):
         return self.score(torch.tanh(keys + query)).squeeze(-1).float()  # (N, H*W)
 
 
-def _divmod(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
-    """Quotient and remainder of non-negative integers a by b (exported as one Div, one Mul
-    and one Sub: floor division's sign handling is not needed)."""
-    q = torch.div(a, b, rounding_mode="trunc")
-    return q, a - q * b
-
-
 class SparseStage(nn.Module):
     """Attention-based site selection, then submanifold conv blocks, then sparse max-pool.
 
@@ -322,7 +325,7 @@ class SparseStage(nn.Module):
         valid = torch.ones_like(flat, dtype=torch.bool) if candidates is None else candidates.gather(1, chosen).flatten()
         sites = Sites(flat, valid, N, h, w)
         rows = x.reshape(N * P, C).index_select(0, flat)  # (K, C)
-        index = sites.padded_index()  # (K,)
+        index = sites.padded_index(chosen)  # (K,)
         slot = sites.row_map(index)  # the rulebook's map, used again by the pooling
         table = sites.neighbour_table(index, slot)  # (K, 9)
         for block in self.blocks:
