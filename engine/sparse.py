@@ -15,7 +15,8 @@ Two ways to choose sites (``select_sites``):
 - CDF rule (the paper): per frame, sort attention descending and keep the
   smallest set whose mass reaches ``threshold``; K varies (uses nonzero).
 - fixed budget: top-k per frame with a fixed k; K = N * k is static, which is
-  what graph export needs. A chosen site that is not a candidate is carried
+  what graph export needs. In evaluation ``SparseStage.forward_budget`` computes the
+  same values channels last with fewer graph ops (what the exported graphs run). A chosen site that is not a candidate is carried
   as an invalid row: its convolutions read and write a scratch cell of an extra
   grid frame that no valid site reads, and it is left out of BatchNorm
   statistics and pooling, so its values never reach a valid output.
@@ -309,10 +310,10 @@ class SparseStage(nn.Module):
         kept sites per frame (N,)).
 
         The pooling gathers the rows onto the grid in pooling order (a zero row where no valid
-        site is) and takes the max over each window's four: the rows are ReLU outputs (>= 0), so the zeros of inactive sites never
-        exceed an active input and a window without one pools to zero, as ``sparse_max_pool``
-        gives. No -inf fill, no scatter of rows and no transposes; in a static int8 graph the
-        gather runs on uint8."""
+        site is) and takes the max over each window's four: the rows are ReLU outputs (>= 0),
+        so the zeros of inactive sites never exceed an active input and a window without one
+        pools to zero, as ``sparse_max_pool`` gives. No -inf fill, no scatter of rows and no
+        transposes; in a static int8 graph the gather runs on uint8."""
         N, P, C = x.shape
         att = self.attention
         keys = att.channel_proj(x) if keys is None else keys  # (N, P, A)
