@@ -15,11 +15,13 @@ Two ways to choose sites (``select_sites``):
 - CDF rule (the paper): per frame, sort attention descending and keep the
   smallest set whose mass reaches ``threshold``; K varies (uses nonzero).
 - fixed budget: top-k per frame with a fixed k; K = N * k is static, which is
-  what graph export needs. In evaluation ``SparseStage.forward_budget`` computes the
-  same values channels last with fewer graph ops (what the exported graphs run). A chosen site that is not a candidate is carried
+  what graph export needs. A chosen site that is not a candidate is carried
   as an invalid row: its convolutions read and write a scratch cell of an extra
   grid frame that no valid site reads, and it is left out of BatchNorm
   statistics and pooling, so its values never reach a valid output.
+
+In evaluation with a fixed budget ``SparseStage.forward_budget`` computes the same
+values channels last with fewer graph ops (what the exported graphs run).
 """
 
 from __future__ import annotations
