@@ -280,6 +280,20 @@ def test_split_graphs_of_an_older_format_are_not_used(engines, tmp_path):
     assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx-cached"
 
 
+def test_sparse_split_graphs_before_the_keys_are_not_used(engines, tmp_path):
+    """A sparse engine folder whose low-level graphs give the map alone (split format 3, before
+    the first stage's keys came with it) serves with its whole graph, and says so."""
+    _, folder = engines["mme2e_sparse"]
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    info = json.loads((old / "engine.json").read_text())
+    assert info["split_format"] == 4
+    info["split_format"] = 3
+    (old / "engine.json").write_text(json.dumps(info))
+    assert Engine.load(old, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx"
+    assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx-cached"
+
+
 def test_absent_modality_reported(engines):
     model, folder = engines["mme2e"]
     out = Engine.load(folder, backend="onnx").run(random_batch(model.dims, 3, 4, 4, 6))

@@ -40,8 +40,9 @@ folder splits the CNN where the guide enters:
 which depend on the map alone; then the fixed-budget sparse stages and the
 projection, whose guide is the transcript's CLS, or the learned no-text query),
 with text.onnx and head.onnx as above. A frame's low-level map and keys are
-computed once; its sparse stages once per transcript it is seen with. Overlapping windows mostly share their transcript with a neighbour,
-so most of a window's frames and chunks come with a guide seen before.
+computed once; its sparse stages once per transcript it is seen with.
+Overlapping windows mostly share their transcript with a neighbour, so most of a
+window's frames and chunks come with a guide seen before.
 """
 
 from __future__ import annotations
@@ -73,15 +74,15 @@ SPLIT_FORMAT = 3
 # the sparse model's split graphs: 4: the low-level graphs give the map channels last and the
 # first stage's attention keys; 3: the map (N, C0, h, w) alone
 SPARSE_SPLIT_FORMAT = 4
+# head.onnx inputs, in _Head.forward's order -> names of their dynamic axes (axis 0, then axis 1)
+HEAD_AXES = {"visual_feats": ("batch", "frames"), "face_mask": ("batch", "frames"), "audio_feats": ("batch", "chunks"),
+             "audio_mask": ("batch", "chunks"), "text_cls": ("batch",), "text_present": ("batch",)}
+HEAD_INPUTS = tuple(HEAD_AXES)
 
 
 def split_format(model_name: str) -> int:
     """The current format of a model's split graphs (``engine.json``'s ``split_format``)."""
     return SPARSE_SPLIT_FORMAT if model_name == "mme2e_sparse" else SPLIT_FORMAT
-# head.onnx inputs, in _Head.forward's order -> names of their dynamic axes (axis 0, then axis 1)
-HEAD_AXES = {"visual_feats": ("batch", "frames"), "face_mask": ("batch", "frames"), "audio_feats": ("batch", "chunks"),
-             "audio_mask": ("batch", "chunks"), "text_cls": ("batch",), "text_present": ("batch",)}
-HEAD_INPUTS = tuple(HEAD_AXES)
 
 
 class _CNN(nn.Module):
