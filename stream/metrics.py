@@ -39,6 +39,10 @@ class Metrics:
         self.batch = Histogram("mmid_batch_windows", "Windows per identify call", buckets=(1, 2, 4, 8, 16, 32, 64),
                                registry=r)
         self.rtf = Gauge("mmid_realtime_factor", "Identify seconds per second of window hop", registry=r)
+        self.face_frames = Counter(
+            "mmid_face_frames", "Sampled frames by how their face was found (engine.face_track.TrackStats): full "
+            "cascade, tracked (followed from the previous frame), refreshed (followed, then searched for faces as "
+            "large), lost (a followed face O-Net rejected, then the full cascade)", ["how"], registry=r)
 
     def serve(self, port: int) -> None:
         if port > 0:

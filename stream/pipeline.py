@@ -35,6 +35,7 @@ log = logging.getLogger("stream.pipeline")
 
 SOURCE_ERRORS = (av.error.FFmpegError, OSError, ValueError)  # a source that cannot be read
 IDLE_POLL_S = 0.2  # seconds the worker waits for windows before checking the spool
+FACE_FRAME_KINDS = ("full", "tracked", "refreshed", "lost")  # TrackStats fields -> mmid_face_frames{how}
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class Pipeline:
         self._stop = threading.Event()
         self._seq: collections.Counter[tuple[str, str]] = collections.Counter()
         self._seq_lock = threading.Lock()
+        stats = getattr(getattr(identifier, "tracker", None), "stats", None)  # counted from here on
+        self._faces_counted = {how: getattr(stats, how) for how in FACE_FRAME_KINDS} if stats is not None else {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -276,9 +279,19 @@ class Pipeline:
         self.metrics.batch.observe(len(batch))
         self.metrics.latency.labels("identify").observe(identify_s)
         self.metrics.rtf.set(identify_s / (len(batch) * self.cfg.stream.hop_s))
+        self._count_faces()
         for q, result in zip(batch, results):
             self.publisher.publish(self._event(q, result, started, identify_s))
             self.metrics.events.labels(q.window.stream_id).inc()
+
+    def _count_faces(self) -> None:
+        """The identifier's face tracker's frame counts since the last call into ``mmid_face_frames``
+        (an identifier without a tracker counts none)."""
+        stats = getattr(getattr(self.identifier, "tracker", None), "stats", None)
+        for how in FACE_FRAME_KINDS if stats is not None else ():
+            now = getattr(stats, how)
+            self.metrics.face_frames.labels(how).inc(max(0, now - self._faces_counted.get(how, 0)))
+            self._faces_counted[how] = now
 
     def _event(self, q: Queued, r: WindowResult, started: float, identify_s: float) -> IdentityEvent:
         sc = self.cfg.stream

@@ -9,6 +9,7 @@ clip holds only that person's test-split utterances: the model never saw them.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -141,6 +142,19 @@ def test_file_source_through_the_cli_names_the_speaker(tmp_path, speaker, tiny_r
     check_identity_events(events, "file", visual=True)
     assert majority(events) == speaker["person"], [e["person"] for e in events]
     assert any(e["transcript"] and e["evidence"]["text"]["present"] for e in events)
+
+
+def test_face_frames_are_counted_by_how_they_were_found(tmp_path, speaker, identifier, redis_server):
+    """``mmid_face_frames{how}``: the face tracker's frames of this pipeline, by kind."""
+    cfg = sampling_config(stream_cfg(tmp_path), identifier)
+    before = dataclasses.replace(identifier.tracker.stats)
+    pipeline = make_pipeline([parse_source(str(speaker["clip"]), "cam")], cfg, redis_server.url, identifier)
+    pipeline.run()
+    stats = identifier.tracker.stats
+    counted = {how: pipeline.metrics.registry.get_sample_value("mmid_face_frames_total", {"how": how}) or 0.0
+               for how in ("full", "tracked", "refreshed", "lost")}
+    assert counted == {how: float(getattr(stats, how) - getattr(before, how)) for how in counted}
+    assert counted["full"] >= 1 and counted["tracked"] >= 1  # the clip's first frame detected, later ones followed
 
 
 def test_audio_only_source_yields_identities_with_visual_absent(tmp_path, speaker, identifier, redis_server):
