@@ -217,7 +217,6 @@ def _clip_box(box: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
     return y0, max(min(y2_, h), y0 + 1), x0, max(min(x2_, w), x0 + 1)
 
 
-
 def _area(box: np.ndarray) -> float:
     return float(max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0))
 

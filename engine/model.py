@@ -229,7 +229,7 @@ class SparseCNN(nn.Module):
                budget: Sequence[float] | None) -> tuple[Tensor, Tensor]:
         """The sparse stages alone: the low-level map x (N, C0, H/2, W/2), mask (N,), guide
         (N, G) -> (features (N, flat), kept sites per frame and stage (N, n_stages))."""
-        if budget is not None and not self.training and not torch.is_grad_enabled():
+        if fixed_budget_eval(self, budget):
             return self.sparse_budget_eval(channels_last(x), x.shape[2], x.shape[3], mask, guide, budget)
         active = mask[:, None, None].expand(-1, x.shape[2], x.shape[3])  # (N, H/2, W/2)
         kept = []
@@ -263,6 +263,12 @@ class SparseCNN(nn.Module):
 def channels_last(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, H*W, C)."""
     return x.flatten(2).transpose(1, 2)
+
+
+def fixed_budget_eval(module: nn.Module, budget: Sequence[float] | None) -> bool:
+    """Whether the sparse stages run ``SparseStage.forward_budget``: a fixed budget, evaluation
+    mode and no autograd (training's formulation gives the attention its gradient)."""
+    return budget is not None and not module.training and not torch.is_grad_enabled()
 
 
 class MME2ESparse(_MME2EBase):
@@ -373,7 +379,7 @@ class MME2ESparse(_MME2EBase):
         h, w = self.dims.grids(modality)[0]
         real = torch.ones_like(text_present, dtype=torch.bool)  # (N,) every row is a real frame
         guide = self.text_guide(text_cls, text_present)
-        if self.sparse_budget is not None and not self.training and not torch.is_grad_enabled():
+        if fixed_budget_eval(self, self.sparse_budget):
             feats, _ = cnn.sparse_budget_eval(low, h, w, real, guide, self.sparse_budget, all_real=True, keys=keys)
         else:
             nchw = low.transpose(1, 2).reshape(low.shape[0], low.shape[2], h, w)  # (N, stem_channels, h, w)

@@ -56,10 +56,8 @@ class Sites:
             frame, rest = self.flat // hw, self.flat % hw
             index = frame * side + (rest // self.w + 1) * (self.w + 2) + (rest % self.w + 1)
         else:
-            device = chosen.device
-            inner = ((torch.arange(self.h, device=device)[:, None] + 1) * (self.w + 2)
-                     + torch.arange(self.w, device=device)[None, :] + 1).reshape(-1)  # (H*W,) a position's padded cell
-            frame = torch.arange(chosen.shape[0], device=device)[:, None] * side  # (N, 1)
+            inner = self.padded_cells(chosen.device).reshape(-1)  # (H*W,)
+            frame = torch.arange(chosen.shape[0], device=chosen.device)[:, None] * side  # (N, 1)
             index = (frame + inner.index_select(0, chosen.reshape(-1)).view(chosen.shape)).reshape(-1)
         scratch = self.n * side + (self.w + 2) + 1
         return torch.where(self.valid, index, torch.full_like(index, scratch))
@@ -90,12 +88,15 @@ class Sites:
         there is none (an invalid site, at the scratch cell, is at none), positions in pooling
         order: frame, then the 2x2 windows in raster order, then the window's four positions
         (raster order), so that a max over each group of four is the 2x2 stride-2 max-pool."""
-        device = slot.device
-        yy = torch.arange(self.h // 2, device=device)[:, None, None, None] * 2 + torch.arange(2, device=device)[:, None]
-        xx = torch.arange(self.w // 2, device=device)[None, :, None, None] * 2 + torch.arange(2, device=device)
-        inner = ((yy + 1) * (self.w + 2) + xx + 1).reshape(-1)  # (H*W,) in (y2, x2, dy, dx) order
-        frame = torch.arange(self.n, device=device)[:, None] * ((self.h + 2) * (self.w + 2))  # (N, 1)
+        cells = self.padded_cells(slot.device).view(self.h // 2, 2, self.w // 2, 2)  # (y2, dy, x2, dx)
+        inner = cells.permute(0, 2, 1, 3).reshape(-1)  # (H*W,) in (y2, x2, dy, dx) order
+        frame = torch.arange(self.n, device=slot.device)[:, None] * ((self.h + 2) * (self.w + 2))  # (N, 1)
         return slot.index_select(0, (frame + inner[None, :]).reshape(-1))
+
+    def padded_cells(self, device: torch.device) -> Tensor:
+        """(H, W) each grid position's cell in a frame of the zero-padded (H+2, W+2) grid."""
+        return ((torch.arange(self.h, device=device)[:, None] + 1) * (self.w + 2)
+                + torch.arange(self.w, device=device)[None, :] + 1)
 
     def scratch_flat(self) -> Tensor:
         """(K,) indices into a flattened (N*H*W + 1) map: the site's own, N*H*W for an invalid site."""

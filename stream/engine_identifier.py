@@ -118,6 +118,11 @@ class EngineIdentifier:
         self._interval_s = self.params.img_interval_ms / 1000.0
         self._warned_sparse = False
 
+    def face_counts(self) -> dict[str, int]:
+        """Sampled frames so far by how their face was found (the tracker's ``TrackStats``)."""
+        stats = self.tracker.stats
+        return {"full": stats.full, "tracked": stats.tracked, "refreshed": stats.refreshed, "lost": stats.lost}
+
     @classmethod
     def from_path(cls, path: str | Path, cfg: Config) -> "EngineIdentifier":
         """Load an engine folder (``mmid export``) or a run folder with [engine] backend and threads."""

@@ -41,6 +41,10 @@ class WindowResult:
 
 @runtime_checkable
 class Identifier(Protocol):
+    """``identify`` windows. One that finds faces may also have ``face_counts() -> dict[str, int]``
+    (frames so far by how their face was found), which the pipeline exports as
+    ``mmid_face_frames{how}``."""
+
     info: ModelInfo
 
     def identify(self, windows: list[Window]) -> list[WindowResult]:

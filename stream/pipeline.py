@@ -35,7 +35,6 @@ log = logging.getLogger("stream.pipeline")
 
 SOURCE_ERRORS = (av.error.FFmpegError, OSError, ValueError)  # a source that cannot be read
 IDLE_POLL_S = 0.2  # seconds the worker waits for windows before checking the spool
-FACE_FRAME_KINDS = ("full", "tracked", "refreshed", "lost")  # TrackStats fields -> mmid_face_frames{how}
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._seq: collections.Counter[tuple[str, str]] = collections.Counter()
         self._seq_lock = threading.Lock()
-        stats = getattr(getattr(identifier, "tracker", None), "stats", None)  # counted from here on
-        self._faces_counted = {how: getattr(stats, how) for how in FACE_FRAME_KINDS} if stats is not None else {}
+        self._faces_counted = self._face_counts()  # counted from here on
 
     def stop(self) -> None:
         self._stop.set()
@@ -284,13 +282,15 @@ class Pipeline:
             self.publisher.publish(self._event(q, result, started, identify_s))
             self.metrics.events.labels(q.window.stream_id).inc()
 
+    def _face_counts(self) -> dict[str, int]:
+        """The identifier's ``face_counts()`` (an identifier that finds no faces has none)."""
+        counts = getattr(self.identifier, "face_counts", None)
+        return counts() if counts is not None else {}
+
     def _count_faces(self) -> None:
-        """The identifier's face tracker's frame counts since the last call into ``mmid_face_frames``
-        (an identifier without a tracker counts none)."""
-        stats = getattr(getattr(self.identifier, "tracker", None), "stats", None)
-        for how in FACE_FRAME_KINDS if stats is not None else ():
-            now = getattr(stats, how)
-            self.metrics.face_frames.labels(how).inc(max(0, now - self._faces_counted.get(how, 0)))
+        """The identifier's face frames since the last call into ``mmid_face_frames{how}``."""
+        for how, now in self._face_counts().items():
+            self.metrics.face_frames.labels(how).inc(now - self._faces_counted.get(how, 0))
             self._faces_counted[how] = now
 
     def _event(self, q: Queued, r: WindowResult, started: float, identify_s: float) -> IdentityEvent:
