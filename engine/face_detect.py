@@ -264,14 +264,21 @@ def area_crop_np(frame: np.ndarray, y0: int, y1: int, x0: int, x1: int, size: in
     """``area_crops`` of one region of one uint8 (H, W, C) frame in NumPy: float32 (C, size,
     size), the same numbers (the same bins, integer sums, one float32 division). For the
     tracker's few crops per frame, where the integral image of the whole frame and a dozen
-    small torch operations cost more than the crop."""
-    region = frame[y0:y1, x0:x1].astype(np.int32)  # (h, w, C)
-    table = np.zeros((region.shape[0] + 1, region.shape[1] + 1, region.shape[2]), np.int32)
-    table[1:, 1:] = region.cumsum(0).cumsum(1)
+    small torch operations cost more than the crop. The sums are separable: the rows of
+    each row bin first (a running sum down the region), then the columns of each column
+    bin of those (a running sum across a size-row array), instead of a 2-D integral image
+    of the region."""
+    region = frame[y0:y1, x0:x1]  # (h, w, C)
+    h, w, c = region.shape
     i = np.arange(size)
-    r0, r1 = (i * (y1 - y0)) // size, ((i + 1) * (y1 - y0) + size - 1) // size  # (S,) bins, relative to y0
-    c0, c1 = (i * (x1 - x0)) // size, ((i + 1) * (x1 - x0) + size - 1) // size
-    total = table[r1][:, c1] - table[r0][:, c1] - table[r1][:, c0] + table[r0][:, c0]  # (S, S, C)
+    r0, r1 = (i * h) // size, ((i + 1) * h + size - 1) // size  # (S,) bins, relative to y0
+    c0, c1 = (i * w) // size, ((i + 1) * w + size - 1) // size
+    down = np.zeros((h + 1, w, c), np.int32)
+    np.cumsum(region, axis=0, dtype=np.int32, out=down[1:])
+    rows = down[r1] - down[r0]  # (S, w, C) each row bin's sum, per column
+    across = np.zeros((size, w + 1, c), np.int32)
+    np.cumsum(rows, axis=1, out=across[:, 1:])
+    total = across[:, c1] - across[:, c0]  # (S, S, C)
     count = ((r1 - r0)[:, None] * (c1 - c0)[None, :]).astype(np.float32)  # (S, S)
     return (total.astype(np.float32) / count[:, :, None]).transpose(2, 0, 1)
 
