@@ -227,6 +227,31 @@ def test_sparse_cached_backend_reuses_frames_by_guide(engines):
             assert after[f"{m}_low"]["hits"] - before[f"{m}_low"]["hits"] == low_hits, (same_text, text, m)
 
 
+def test_block_cache_keeps_views_and_lets_mostly_evicted_blocks_go():
+    """The low-level map cache holds views of a call's outputs (no copy); once evictions
+    leave a block with a quarter of its rows or fewer, those rows become copies (the block
+    is no longer held) with the same values, and LRU order is kept throughout."""
+    from engine.backends.feature_cache import BlockCache
+
+    cache = BlockCache(6)
+    low, keys = np.arange(4 * 3, dtype=np.float32).reshape(4, 3), -np.arange(4 * 2, dtype=np.float32).reshape(4, 2)
+    first = [b"a", b"b", b"c", b"d"]
+    cache.put_block(first, [(low[i], keys[i]) for i in range(4)])
+    assert all(np.shares_memory(cache.get(k)[0], low) and np.shares_memory(cache.get(k)[1], keys) for k in first)
+    cache.get(b"b")  # most recently used of the block
+    other = np.zeros((3, 3), np.float32)
+    cache.put_block([b"x", b"y", b"z"], [(other[i], other[i]) for i in range(3)])  # 7 rows: evicts a
+    assert np.shares_memory(cache.get(b"b")[0], low)  # 3 of 4 rows left: still views
+    cache.put_block([b"u", b"v"], [(other[i], other[i]) for i in range(2)])  # evicts c, d: 1 of 4 left
+    row = cache.get(b"b")
+    assert not np.shares_memory(row[0], low) and not np.shares_memory(row[1], keys)
+    np.testing.assert_array_equal(row[0], low[1])
+    np.testing.assert_array_equal(row[1], keys[1])
+    assert list(cache.rows) == [b"x", b"y", b"z", b"u", b"v", b"b"]
+    cache.clear()
+    assert not cache.rows and cache.get(b"b") is None
+
+
 @pytest.fixture(scope="module")
 def learned_guide_engine(tmp_path_factory, tokenizer_file) -> tuple[torch.nn.Module, Path]:
     """A sparse model with model.sparse_guide = "learned" (a non-zero learned query) and its

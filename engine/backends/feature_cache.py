@@ -40,7 +40,11 @@ folder splits the CNN where the guide enters:
 which depend on the map alone; then the fixed-budget sparse stages and the
 projection, whose guide is the transcript's CLS, or the learned no-text query),
 with text.onnx and head.onnx as above. A frame's low-level map and keys are
-computed once; its sparse stages once per transcript it is seen with.
+computed once; its sparse stages once per transcript it is seen with. The maps
+stay views of the low-level graph's outputs (``BlockCache``), and when every item
+of a sparse-stage call is new (the window's transcript was seen before, so only
+its new frames need the stages) the sparse-stage graph takes those outputs as
+they came: no copy of the maps on the way.
 Overlapping windows mostly share their transcript with a neighbour, so most of a
 window's frames and chunks come with a guide seen before.
 """
@@ -65,7 +69,8 @@ SPLIT_GRAPHS = {"visual": "visual_cnn.onnx", "audio": "audio_cnn.onnx", "text": 
 SPARSE_SPLIT_GRAPHS = {"visual_low": "visual_low.onnx", "audio_low": "audio_low.onnx", "visual": "visual_sparse.onnx",
                        "audio": "audio_sparse.onnx", "text": "text.onnx", "head": "head.onnx"}
 # low-level maps and keys kept per modality (paper sizes: 2 x 144 KB per face, 2 x 256 KB per audio chunk);
-# overlapping windows of a stream reuse a map for about 3 s (~2.5 chunks and 2 frames per s)
+# overlapping windows of a stream reuse a map for about 3 s (~2.5 chunks and 2 frames per s); kept as
+# views of the low-level graph's outputs (BlockCache), which can hold up to 4x the rows' own memory
 LOW_MAP_ROWS = 128
 LOW_OUTPUTS = ("low", "keys")  # the low-level graphs' outputs, inputs of the sparse-stage graphs
 # 3: a text graph of its own, the head takes its CLS; 2: the text encoder inside the head;
@@ -204,7 +209,67 @@ class FeatureCache:
         self.rows[key] = row
         self.rows.move_to_end(key)
         while len(self.rows) > self.capacity:
-            self.rows.popitem(last=False)
+            self._evicted(self.rows.popitem(last=False)[0])
+
+    def _evicted(self, key: bytes) -> None:
+        """Called with the key of each row the capacity pushed out."""
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+
+class BlockCache(FeatureCache):
+    """A FeatureCache whose rows are views of the arrays one graph call returned (a block:
+    ``put_block``), not copies of them: the sparse model's low-level maps and keys (144-256
+    KB a row), which a copy per row costs ~0.1 ms each to make here.
+    A block stays alive while any of its rows is cached; when evictions leave one with a
+    quarter of its rows or fewer, those are copied out and the block is let go, so the
+    memory held stays under four times that of the cached rows."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._block_of: dict[bytes, int] = {}  # key -> its block
+        self._members: dict[int, tuple[int, set[bytes]]] = {}  # block -> (its rows, the keys still cached)
+        self._blocks = 0  # blocks made so far (the next one's id)
+        self._filling: int | None = None  # the block put_block is putting
+
+    def put_block(self, keys: Sequence[bytes], rows: Sequence) -> None:
+        """Distinct new ``keys`` and their rows, views of one call's outputs."""
+        block, self._blocks = self._blocks, self._blocks + 1
+        live: set[bytes] = set()
+        self._members[block] = (len(keys), live)
+        self._filling = block  # its puts may evict some of its own rows (a cache smaller than the call)
+        try:
+            for key, row in zip(keys, rows):
+                self._block_of[key] = block
+                live.add(key)
+                self.put(key, row)
+        finally:
+            self._filling = None
+        self._release(block)
+
+    def _evicted(self, key: bytes) -> None:
+        block = self._block_of.pop(key, None)
+        if block is not None:
+            self._members[block][1].discard(key)
+            if block != self._filling:
+                self._release(block)
+
+    def _release(self, block: int) -> None:
+        """Let ``block`` go if a quarter of its rows or fewer are still cached (copying those)."""
+        size, live = self._members[block]
+        if live and 4 * len(live) > size:
+            return
+        for k in live:
+            row = self.rows[k]
+            self.rows[k] = row.copy() if isinstance(row, np.ndarray) else tuple(r.copy() for r in row)
+            del self._block_of[k]
+        del self._members[block]
+
+    def clear(self) -> None:
+        super().clear()
+        self._block_of.clear()
+        self._members.clear()
 
 
 def _scopes(batch, n: int) -> list[str]:
@@ -239,14 +304,15 @@ class CachedOnnxBackend:
         self.learned_guide = learned_guide
         self.caches = {k: FeatureCache(capacity) for k in ("visual", "audio", "text")}
         if self.sparse:
-            self.caches.update({f"{m}_low": FeatureCache(min(capacity, LOW_MAP_ROWS)) for m in ("visual", "audio")})
+            self.caches.update({f"{m}_low": BlockCache(min(capacity, LOW_MAP_ROWS)) for m in ("visual", "audio")})
         self.name, self.device, self.path = name, device, folder
 
-    def _run_new(self, cache_name: str, keys: list[bytes | None], inputs) -> list:
+    def _run_new(self, cache_name: str, keys: list[bytes | None], inputs, whole: list | None = None) -> list:
         """One row per key (None: no input, no row): cached rows, and one call of the graph
         ``cache_name`` on ``inputs(indices)`` for the first index of every key not seen yet.
         A row is the item's slice of the graph's output, or of each of its outputs (a tuple)
-        for a graph with several."""
+        for a graph with several. ``whole``: a list that gets the call's outputs when every
+        key was new and distinct (they are then the keys' rows, in order, as they came)."""
         cache = self.caches[cache_name]
         rows: list[np.ndarray | None] = [None] * len(keys)
         todo: dict[bytes, list[int]] = {}
@@ -263,10 +329,16 @@ class CachedOnnxBackend:
         if todo:
             feeds = inputs([places[0] for places in todo.values()])
             outs = self.sessions[cache_name].run(None, feeds)  # each (N, ...): one call for every new item
-            for n, (key, places) in enumerate(todo.items()):
-                # rows of their own: the call's output arrays are not kept alive
-                row = outs[0][n].copy() if len(outs) == 1 else tuple(o[n].copy() for o in outs)
-                cache.put(key, row)
+            if whole is not None and len(todo) == len(keys):
+                whole.extend(outs)
+            if isinstance(cache, BlockCache):  # views of the call's outputs
+                new = [outs[0][n] if len(outs) == 1 else tuple(o[n] for o in outs) for n in range(len(todo))]
+                cache.put_block(list(todo), new)
+            else:  # rows of their own: the call's output arrays are not kept alive
+                new = [outs[0][n].copy() if len(outs) == 1 else tuple(o[n].copy() for o in outs) for n in range(len(todo))]
+                for key, row in zip(todo, new):
+                    cache.put(key, row)
+            for row, places in zip(new, todo.values()):
                 for i in places:
                     rows[i] = row
         return rows
@@ -289,10 +361,14 @@ class CachedOnnxBackend:
             low_name = self.sessions[f"{modality}_low"].get_inputs()[0].name
 
             def inputs(idx: list[int]) -> dict[str, np.ndarray]:  # idx: places of the new (item, guide) pairs
+                outs: list[np.ndarray] = []  # the low-level graph's outputs when it ran on all of them
                 lows = self._run_new(f"{modality}_low", [keys[i] for i in idx],
-                                     lambda sub: {low_name: np.stack([items[places[idx[j]]] for j in sub])})
+                                     lambda sub: {low_name: np.stack([items[places[idx[j]]] for j in sub])},
+                                     outs)
                 windows = [places[i][0] for i in idx]
-                maps = {name: np.stack([low[k] for low in lows]) for k, name in enumerate(LOW_OUTPUTS)}
+                # the maps as the low-level graph gave them (often: the window's transcript is its
+                # neighbour's, so its new frames are all it needs), else the cached rows stacked
+                maps = dict(zip(LOW_OUTPUTS, outs or [np.stack([low[k] for low in lows]) for k in range(len(LOW_OUTPUTS))]))
                 return {**maps, "text_cls": text_cls[windows], "text_present": present[windows]}
 
             rows = self._run_new(modality, [k + guide_keys[b] for k, (b, _) in zip(keys, places)], inputs)
@@ -364,7 +440,7 @@ class CachedOnnxBackend:
     def clear(self) -> None:
         """Forget every cached row (the hit and miss counts stay)."""
         for cache in self.caches.values():
-            cache.rows.clear()
+            cache.clear()
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {k: {"hits": c.hits, "misses": c.misses, "rows": len(c.rows)} for k, c in self.caches.items()}
