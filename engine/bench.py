@@ -367,18 +367,18 @@ def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: floa
     return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
 
 
-def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0) -> dict:
-    """Whole windows in stream order, as the stream identifies them
-    (``Engine.identify_overlapped``): new frames' faces (tracked or detected, cached) in a
-    helper thread while log-mels, tokens (and the cached backend's audio and text rows)
-    are computed, then the forward and the answers."""
-    params = engine.feature_params
-    cache = FaceCache(stream, params, engine.backend.device, redetect_s)
+def window_steps(engine, stream: Stream, batch: int, redetect_s: float = 4.0, source: str | None = None):
+    """-> a function that identifies the next ``batch`` windows of ``stream`` in stream order,
+    as the stream does (``Engine.identify_overlapped``): new frames' faces (tracked or
+    detected, cached) in a helper thread while log-mels, tokens (and the cached backend's
+    audio and text rows) are computed, then the forward and the answers. ``source``: the
+    windows' source name (default: one of its own, ``measurement_source``)."""
+    cache = FaceCache(stream, engine.feature_params, engine.backend.device, redetect_s)
     cache.get(stream.window(0)[0])  # steady state: the first window's earlier frames are already seen
     state = {"w": 0}
-    source = measurement_source()
+    source = source or measurement_source()
 
-    def step():
+    def step() -> None:
         spans = [stream.window(state["w"] + k) for k in range(batch)]
         state["w"] += batch
 
@@ -389,6 +389,12 @@ def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: flo
         engine.identify_overlapped([(audio, text, offset) for _, audio, text, offset in spans], find_faces,
                                    [source] * batch)
 
+    return step
+
+
+def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0) -> dict:
+    """Whole windows in stream order (``window_steps``)."""
+    step = window_steps(engine, stream, batch, redetect_s)
     with PeakMemory(engine.backend.device) as mem:
         times = time_calls(step, iters, engine.backend.device, warmup=1)
     return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}

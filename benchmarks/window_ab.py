@@ -1,0 +1,98 @@
+"""Whole-window A/B of engine folders, interleaved in one process.
+
+    .venv/bin/python benchmarks/window_ab.py [--batch 1] [--steps 200] [--backend onnx-cached-int8] \\
+        [--corpus CORPUS] [--json] [LABEL=]ENGINE [[LABEL=]ENGINE ...]
+
+`mmid bench` times one engine after another; on a host whose speed moves within
+minutes (BENCHMARKS.md) two engines timed a minute apart are not comparable. Here
+every engine takes one window step in turn (the bench's window scope,
+``engine.bench.window_steps``: its own stream of the same content, its own source
+name and face tracker), the order reversed every other round, so a change of the
+host's speed falls on all of them alike. Per engine it prints p50, mean and p95 ms per
+step and windows/s, and, for the cached ONNX backend, the same for the steps whose
+windows brought a transcript not seen before (the text encoder ran) and for the
+others: the split that shows what a text-guided sparse model pays when a
+transcript changes (it reruns its sparse stages for every frame and chunk of the
+window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from engine.bench import Stream, open_engine, window_steps  # noqa: E402
+from engine.config import load_config  # noqa: E402
+
+
+def text_misses(engine) -> int | None:
+    """Transcripts the engine's text encoder has run on so far (cached backends), else None."""
+    stats = getattr(engine.backend, "stats", None)
+    return stats()["text"]["misses"] if stats is not None else None
+
+
+def summary(times_ms: list[float], batch: int) -> dict:
+    t = np.array(times_ms)
+    if not len(t):
+        return {"steps": 0}
+    return {"steps": len(t), "p50_ms": round(float(np.median(t)), 2), "mean_ms": round(float(t.mean()), 2),
+            "p95_ms": round(float(np.percentile(t, 95)), 2), "windows_per_s": round(batch * 1000.0 / float(t.mean()), 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("engines", nargs="+", help="engine folders, each optionally LABEL=FOLDER")
+    parser.add_argument("--backend", default="onnx-cached-int8", help="as mmid bench --backends (one)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per engine")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--corpus", type=Path, help="synthetic corpus folder for real face frames (mmid synth)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args()
+    cfg = load_config()
+    torch.set_num_threads(args.threads)
+    runs = []
+    pool_s = Stream.seconds_for((args.steps + 2) * args.batch + 1) + 1.0  # nothing repeats within the run
+    for spec in args.engines:
+        label, _, folder = spec.rpartition("=")
+        engine = open_engine(Path(folder), args.backend, args.threads, cfg.engine.feature_cache)
+        stream = Stream.make(engine.feature_params, args.corpus, pool_s)
+        step = window_steps(engine, stream, args.batch, cfg.stream.face_redetect_s, source=f"ab-{len(runs)}")
+        runs.append({"label": label or folder, "engine": engine, "step": step, "times": [], "new_text": []})
+    for run in runs:
+        run["step"]()  # warm-up
+    for i in range(args.steps):
+        for run in runs if i % 2 == 0 else runs[::-1]:
+            before = text_misses(run["engine"])
+            t = time.perf_counter()
+            run["step"]()
+            run["times"].append((time.perf_counter() - t) * 1000.0)
+            after = text_misses(run["engine"])
+            run["new_text"].append(None if before is None else after > before)
+    for run in runs:
+        rows = [("all", run["times"])]
+        if run["new_text"][0] is not None:
+            rows += [("new transcript", [t for t, n in zip(run["times"], run["new_text"]) if n]),
+                     ("same transcript", [t for t, n in zip(run["times"], run["new_text"]) if not n])]
+        for steps, times in rows:
+            row = {"engine": run["label"], "backend": run["engine"].backend_name, "batch": args.batch, "steps_of": steps,
+                   **summary(times, args.batch)}
+            if args.json:
+                print(json.dumps(row))
+            elif row["steps"]:
+                print(f"{row['engine']:>24s} b{args.batch} {steps:>15s} n={row['steps']:4d}  p50 {row['p50_ms']:8.2f}  "
+                      f"mean {row['mean_ms']:8.2f}  p95 {row['p95_ms']:8.2f} ms  {row['windows_per_s']:7.2f} windows/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
