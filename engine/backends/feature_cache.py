@@ -335,7 +335,8 @@ class CachedOnnxBackend:
                 new = [outs[0][n] if len(outs) == 1 else tuple(o[n] for o in outs) for n in range(len(todo))]
                 cache.put_block(list(todo), new)
             else:  # rows of their own: the call's output arrays are not kept alive
-                new = [outs[0][n].copy() if len(outs) == 1 else tuple(o[n].copy() for o in outs) for n in range(len(todo))]
+                new = [outs[0][n].copy() if len(outs) == 1 else tuple(o[n].copy() for o in outs)
+                       for n in range(len(todo))]
                 for key, row in zip(todo, new):
                     cache.put(key, row)
             for row, places in zip(new, todo.values()):
@@ -368,7 +369,8 @@ class CachedOnnxBackend:
                 windows = [places[i][0] for i in idx]
                 # the maps as the low-level graph gave them (often: the window's transcript is its
                 # neighbour's, so its new frames are all it needs), else the cached rows stacked
-                maps = dict(zip(LOW_OUTPUTS, outs or [np.stack([low[k] for low in lows]) for k in range(len(LOW_OUTPUTS))]))
+                maps = dict(zip(LOW_OUTPUTS, outs or [np.stack([low[k] for low in lows])
+                                                      for k in range(len(LOW_OUTPUTS))]))
                 return {**maps, "text_cls": text_cls[windows], "text_present": present[windows]}
 
             rows = self._run_new(modality, [k + guide_keys[b] for k, (b, _) in zip(keys, places)], inputs)
