@@ -66,7 +66,8 @@ def main() -> int:
         label, _, folder = spec.rpartition("=")
         engine = open_engine(Path(folder), args.backend, args.threads, cfg.engine.feature_cache)
         stream = Stream.make(engine.feature_params, args.corpus, pool_s)
-        step = window_steps(engine, stream, args.batch, cfg.stream.face_redetect_s, source=f"ab-{len(runs)}")
+        step = window_steps(engine, stream, args.batch, cfg.stream.face_redetect_s, cfg.stream.face_track_steps,
+                            source=f"ab-{len(runs)}")
         runs.append({"label": label or folder, "engine": engine, "step": step, "times": [], "new_text": []})
     for run in runs:
         run["step"]()  # warm-up

@@ -267,11 +267,11 @@ class FaceCache:
     cascade runs on the first frame, after a lost track and every ``redetect_s`` seconds
     (0: on every frame)."""
 
-    def __init__(self, stream: Stream, params, device: str = "cpu", redetect_s: float = 4.0):
+    def __init__(self, stream: Stream, params, device: str = "cpu", redetect_s: float = 4.0, steps: int = 2):
         from engine.face_track import FaceTracker
 
         self.stream, self.params, self.crops = stream, params, {}
-        self.tracker = FaceTracker(params.face_size, params.face_margin, device, redetect_s=redetect_s)
+        self.tracker = FaceTracker(params.face_size, params.face_margin, device, redetect_s=redetect_s, steps=steps)
 
     def detect(self, indices) -> None:
         """Process every frame of ``indices`` not seen yet, in one tracker call."""
@@ -353,9 +353,9 @@ def measurement_source() -> str:
     return f"bench-{next(_MEASUREMENTS)}"
 
 
-def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0) -> dict:
+def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0, steps: int = 2) -> dict:
     """Backend forward only, on collated windows (features computed once, outside the timing)."""
-    cache = FaceCache(stream, engine.feature_params, engine.backend.device, redetect_s)
+    cache = FaceCache(stream, engine.feature_params, engine.backend.device, redetect_s, steps)
     windows = []
     for w in range(batch):
         frames, audio, text, offset = stream.window(w)
@@ -367,13 +367,15 @@ def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: floa
     return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
 
 
-def window_steps(engine, stream: Stream, batch: int, redetect_s: float = 4.0, source: str | None = None):
+def window_steps(engine, stream: Stream, batch: int, redetect_s: float = 4.0, steps: int = 2,
+                 source: str | None = None):
     """-> a function that identifies the next ``batch`` windows of ``stream`` in stream order,
     as the stream does (``Engine.identify_overlapped``): new frames' faces (tracked or
     detected, cached) in a helper thread while log-mels, tokens (and the cached backend's
     audio and text rows) are computed, then the forward and the answers. ``source``: the
-    windows' source name (default: one of its own, ``measurement_source``)."""
-    cache = FaceCache(stream, engine.feature_params, engine.backend.device, redetect_s)
+    windows' source name (default: one of its own, ``measurement_source``); ``redetect_s``, ``steps``:
+    the face tracker's (``[stream] face_redetect_s``, ``face_track_steps``)."""
+    cache = FaceCache(stream, engine.feature_params, engine.backend.device, redetect_s, steps)
     cache.get(stream.window(0)[0])  # steady state: the first window's earlier frames are already seen
     state = {"w": 0}
     source = source or measurement_source()
@@ -392,9 +394,9 @@ def window_steps(engine, stream: Stream, batch: int, redetect_s: float = 4.0, so
     return step
 
 
-def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0) -> dict:
+def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0, steps: int = 2) -> dict:
     """Whole windows in stream order (``window_steps``)."""
-    step = window_steps(engine, stream, batch, redetect_s)
+    step = window_steps(engine, stream, batch, redetect_s, steps)
     with PeakMemory(engine.backend.device) as mem:
         times = time_calls(step, iters, engine.backend.device, warmup=1)
     return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
@@ -493,7 +495,7 @@ def run(args: argparse.Namespace, cfg) -> int:
                     fn = bench_model if scope == "model" else bench_window
                     row = {"model": info["dims"]["name"], "backend": engine.backend_name, "device": engine.backend.device,
                            "scope": scope, "batch": batch,
-                           **fn(engine, stream, batch, iters, cfg.stream.face_redetect_s),
+                           **fn(engine, stream, batch, iters, cfg.stream.face_redetect_s, cfg.stream.face_track_steps),
                            "gflops_per_window": round(info["flops_per_window"]["gflops"], 2) if "flops_per_window" in info else None,
                            "sparse_budget": info.get("sparse_budget"), "threads": args.threads, "engine": str(path)}
                     rows.append(row)

@@ -131,6 +131,7 @@ class StreamConfig:
     queue_windows: int = 32
     max_batch: int = 16
     face_redetect_s: float = 4.0
+    face_track_steps: int = 2
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream_maxlen: int = 100000
     spool_dir: str = ".mmid-spool"

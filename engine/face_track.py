@@ -8,7 +8,8 @@ face in its previous sampled frame: O-Net on the square around the previous
 box (the input the cascade itself gives O-Net), which scores it and regresses it
 onto the face where it is now; a second pass from the square of that box
 brings it closer still. Two 48x48 O-Net crops per frame instead of the whole
-search.
+search (``steps``, ``[stream] face_track_steps``: one pass costs less and
+lands further from the cascade's box, BENCHMARKS.md).
 
 The full cascade runs instead when there is no track to follow:
 - the source's first frame, or a frame more than ``max_gap_s`` after the
@@ -86,6 +87,8 @@ class FaceTracker:
     def __init__(self, size: int = FACE_SIZE, margin: int = FACE_MARGIN, device: str = "cpu",
                  redetect_s: float = REDETECT_S, max_gap_s: float = MAX_GAP_S, max_sources: int = MAX_SOURCES,
                  steps: int = STEPS, threads: int = THREADS):
+        if steps < 1:
+            raise ValueError(f"FaceTracker steps={steps}: at least one O-Net pass per followed frame")
         self.size, self.margin, self.device, self.steps, self.threads = size, margin, str(device), steps, threads
         self.redetect_s = redetect_s if torch.device(device).type == "cpu" else 0.0
         self.max_gap_s, self.max_sources = max_gap_s, max_sources

@@ -114,7 +114,7 @@ class EngineIdentifier:
         self.img_interval_ms = self.params.img_interval_ms  # read by stream.identify.sampling_config
         self.faces = FaceCache(cache_frames)
         self.tracker = FaceTracker(self.params.face_size, self.params.face_margin, self.detect_device,
-                                   redetect_s=cfg.stream.face_redetect_s)
+                                   redetect_s=cfg.stream.face_redetect_s, steps=cfg.stream.face_track_steps)
         self._interval_s = self.params.img_interval_ms / 1000.0
         self._warned_sparse = False
 

@@ -72,6 +72,26 @@ def test_without_tracking_crops_equal_the_full_cascade(speaker):
     assert tracker.stats.cascade_calls == 1
 
 
+def test_steps_is_the_number_of_onet_passes_per_followed_frame(speaker):
+    from engine.faces import load_detector
+
+    frames = speaker[0][:5]
+    detector = load_detector("cpu", 1)  # the tracker's (one thread)
+    onet, calls = detector.onet, []
+    detector.onet = lambda x: (calls.append(len(x)), onet(x))[1]
+    try:
+        for steps in (1, 2, 3):
+            tracker = FaceTracker(redetect_s=1e9, steps=steps)
+            tracker.crop([("a", *frames[0])])  # the full cascade
+            calls.clear()
+            _, found, _ = tracker.crop([("a", t, f) for t, f in frames[1:]])
+            assert found.all() and tracker.stats.tracked == 4 and calls == [1] * (4 * steps), (steps, calls)
+    finally:
+        detector.onet = onet
+    with pytest.raises(ValueError, match="at least one O-Net pass"):
+        FaceTracker(steps=0)
+
+
 def test_full_detection_again_after_redetect_s_a_gap_and_a_lost_face(speaker):
     frames = speaker[0][:8]  # 0.0, 0.5, ... 3.5 s
     tracker = FaceTracker(redetect_s=1.0)

@@ -184,7 +184,8 @@ def test_overlapping_windows_detect_each_frame_once_and_the_cache_is_bounded(ide
     from skimage.data import astronaut
 
     frame = np.ascontiguousarray(astronaut()[:300, 100:400])
-    ident = EngineIdentifier(identifier.engine, stream_cfg(Path(".")), cache_frames=8)
+    ident = EngineIdentifier(identifier.engine, stream_cfg(Path("."), face_track_steps=1), cache_frames=8)
+    assert ident.tracker.steps == 1  # [stream] face_track_steps
     windows = [_window(k, [k + 0.5 * i for i in range(6)], frame) for k in range(4)]  # 3 s every 1 s
     results = ident.identify(windows[:2]) + ident.identify(windows[2:])
     distinct = {t for w in windows for t in w.frame_times}
