@@ -1,7 +1,7 @@
 """Whole-window A/B of engine folders, interleaved in one process.
 
     .venv/bin/python benchmarks/window_ab.py [--batch 1] [--steps 200] [--backend onnx-cached-int8] \\
-        [--corpus CORPUS] [--json] [LABEL=]ENGINE [[LABEL=]ENGINE ...]
+        [--corpus CORPUS] [--set section.key=value ...] [--json] [LABEL=]ENGINE [[LABEL=]ENGINE ...]
 
 `mmid bench` times one engine after another; on a host whose speed moves within
 minutes (BENCHMARKS.md) two engines timed a minute apart are not comparable. Here
@@ -56,9 +56,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per engine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", type=Path, help="synthetic corpus folder for real face frames (mmid synth)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, as for mmid (e.g. stream.face_track_steps=1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args()
-    cfg = load_config()
+    cfg = load_config(overrides=args.set)
     torch.set_num_threads(args.threads)
     runs = []
     pool_s = Stream.seconds_for((args.steps + 2) * args.batch + 1) + 1.0  # nothing repeats within the run
