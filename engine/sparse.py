@@ -52,11 +52,10 @@ class Sites:
         (fixed budget, flat = frame * H*W + chosen), found then by a table lookup instead of
         integer division (exported, a division runs through float32, inexact past 2**24)."""
         hw, side = self.h * self.w, (self.h + 2) * (self.w + 2)
+        inner = self.padded_cells(self.flat.device).reshape(-1)  # (H*W,)
         if chosen is None:
-            frame, rest = self.flat // hw, self.flat % hw
-            index = frame * side + (rest // self.w + 1) * (self.w + 2) + (rest % self.w + 1)
+            index = (self.flat // hw) * side + inner.index_select(0, self.flat % hw)
         else:
-            inner = self.padded_cells(chosen.device).reshape(-1)  # (H*W,)
             frame = torch.arange(chosen.shape[0], device=chosen.device)[:, None] * side  # (N, 1)
             index = (frame + inner.index_select(0, chosen.reshape(-1)).view(chosen.shape)).reshape(-1)
         scratch = self.n * side + (self.w + 2) + 1

@@ -261,8 +261,7 @@ class BlockCache(FeatureCache):
         if live and 4 * len(live) > size:
             return
         for k in live:
-            row = self.rows[k]
-            self.rows[k] = row.copy() if isinstance(row, np.ndarray) else tuple(r.copy() for r in row)
+            self.rows[k] = _own(self.rows[k])
             del self._block_of[k]
         del self._members[block]
 
@@ -270,6 +269,11 @@ class BlockCache(FeatureCache):
         super().clear()
         self._block_of.clear()
         self._members.clear()
+
+
+def _own(row: np.ndarray | tuple) -> np.ndarray | tuple:
+    """A copy of a row (an array, or a tuple of arrays for a graph with several outputs)."""
+    return row.copy() if isinstance(row, np.ndarray) else tuple(r.copy() for r in row)
 
 
 def _scopes(batch, n: int) -> list[str]:
@@ -331,12 +335,11 @@ class CachedOnnxBackend:
             outs = self.sessions[cache_name].run(None, feeds)  # each (N, ...): one call for every new item
             if whole is not None and len(todo) == len(keys):
                 whole.extend(outs)
-            if isinstance(cache, BlockCache):  # views of the call's outputs
-                new = [outs[0][n] if len(outs) == 1 else tuple(o[n] for o in outs) for n in range(len(todo))]
+            new = [outs[0][n] if len(outs) == 1 else tuple(o[n] for o in outs) for n in range(len(todo))]  # views
+            if isinstance(cache, BlockCache):
                 cache.put_block(list(todo), new)
             else:  # rows of their own: the call's output arrays are not kept alive
-                new = [outs[0][n].copy() if len(outs) == 1 else tuple(o[n].copy() for o in outs)
-                       for n in range(len(todo))]
+                new = [_own(row) for row in new]
                 for key, row in zip(todo, new):
                     cache.put(key, row)
             for row, places in zip(new, todo.values()):
