@@ -262,25 +262,42 @@ def area_crops(table: Tensor, image: Tensor, y0: Tensor, y1: Tensor, x0: Tensor,
 
 def area_crop_np(frame: np.ndarray, y0: int, y1: int, x0: int, x1: int, size: int) -> np.ndarray:
     """``area_crops`` of one region of one uint8 (H, W, C) frame in NumPy: float32 (C, size,
-    size), the same numbers (the same bins, integer sums, one float32 division). For the
-    tracker's few crops per frame, where the integral image of the whole frame and a dozen
-    small torch operations cost more than the crop. The sums are separable: the rows of
-    each row bin first (a running sum down the region), then the columns of each column
-    bin of those (a running sum across a size-row array), instead of a 2-D integral image
-    of the region."""
+    size), the same numbers (the same bins, the same integer sums, one float32 division).
+    For the tracker's few crops per frame, where the integral image of the whole frame and a
+    dozen small torch operations cost more than the crop. The sums are separable, and each
+    half is a product with a 0/1 matrix of bin membership (``_bin_members``): the rows of
+    every row bin first, then the columns of every column bin of those. The products add
+    integers, exact in float32 while every sum stays below 2**24 (a bin of up to 65,793
+    pixels; larger bins go through float64), so the order in which they are added does not
+    matter. The products run in torch, on the calling thread's torch threads (NumPy's
+    OpenBLAS would start its own threads for them, which spin on the cores the model
+    uses)."""
     region = frame[y0:y1, x0:x1]  # (h, w, C)
     h, w, c = region.shape
+    r0, r1 = _bins_np(h, size)  # (S,) row bins, relative to y0
+    c0, c1 = _bins_np(w, size)
+    count = torch.from_numpy((r1 - r0)[:, None] * (c1 - c0)[None, :])  # (S, S) pixels per bin
+    dtype = torch.float32 if int(count.max()) * 255 < 1 << 24 else torch.float64
+    pixels = torch.from_numpy(np.ascontiguousarray(region)).reshape(h, w * c).to(dtype)
+    rows = _bin_members(h, size, dtype) @ pixels  # (S, w*C) each row bin's sums
+    rows = rows.view(size, w, c).transpose(1, 2).reshape(size * c, w)  # (S*C, w)
+    total = rows @ _bin_members(w, size, dtype).T  # (S*C, S) each bin's sum
+    return (total.view(size, c, size).float() / count[:, None, :].float()).transpose(0, 1).numpy()
+
+
+def _bins_np(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_bins`` of [0, n) into ``size`` cells in NumPy: (size,) first and end."""
     i = np.arange(size)
-    r0, r1 = (i * h) // size, ((i + 1) * h + size - 1) // size  # (S,) bins, relative to y0
-    c0, c1 = (i * w) // size, ((i + 1) * w + size - 1) // size
-    down = np.zeros((h + 1, w, c), np.int32)
-    np.cumsum(region, axis=0, dtype=np.int32, out=down[1:])
-    rows = down[r1] - down[r0]  # (S, w, C) each row bin's sum, per column
-    across = np.zeros((size, w + 1, c), np.int32)
-    np.cumsum(rows, axis=1, out=across[:, 1:])
-    total = across[:, c1] - across[:, c0]  # (S, S, C)
-    count = ((r1 - r0)[:, None] * (c1 - c0)[None, :]).astype(np.float32)  # (S, S)
-    return (total.astype(np.float32) / count[:, :, None]).transpose(2, 0, 1)
+    return (i * n) // size, ((i + 1) * n + size - 1) // size
+
+
+@functools.lru_cache(maxsize=128)
+def _bin_members(n: int, size: int, dtype: torch.dtype) -> Tensor:
+    """(size, n) 0/1 matrix (shared: not to be written): row i marks the pixels of bin i of [0, n) (adaptive
+    average pooling's bins, which overlap when size > n)."""
+    first, end = _bins_np(n, size)
+    at = np.arange(n)
+    return torch.from_numpy((at[None, :] >= first[:, None]) & (at[None, :] < end[:, None])).to(dtype)
 
 
 def _nms(boxes: Tensor, scores: Tensor, image: Tensor, iou: float) -> Tensor:
