@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.face_track import REDETECT_S, STEPS, FaceTracker
 
 DEFAULT_CACHE = Path(".mmid-cache/bench")
 BENCH_PERSONS = 10
@@ -267,9 +268,7 @@ class FaceCache:
     cascade runs on the first frame, after a lost track and every ``redetect_s`` seconds
     (0: on every frame)."""
 
-    def __init__(self, stream: Stream, params, device: str = "cpu", redetect_s: float = 4.0, steps: int = 2):
-        from engine.face_track import FaceTracker
-
+    def __init__(self, stream: Stream, params, device: str = "cpu", redetect_s: float = REDETECT_S, steps: int = STEPS):
         self.stream, self.params, self.crops = stream, params, {}
         self.tracker = FaceTracker(params.face_size, params.face_margin, device, redetect_s=redetect_s, steps=steps)
 
@@ -353,7 +352,7 @@ def measurement_source() -> str:
     return f"bench-{next(_MEASUREMENTS)}"
 
 
-def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0, steps: int = 2) -> dict:
+def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: float = REDETECT_S, steps: int = STEPS) -> dict:
     """Backend forward only, on collated windows (features computed once, outside the timing)."""
     cache = FaceCache(stream, engine.feature_params, engine.backend.device, redetect_s, steps)
     windows = []
@@ -367,7 +366,7 @@ def bench_model(engine, stream: Stream, batch: int, iters: int, redetect_s: floa
     return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
 
 
-def window_steps(engine, stream: Stream, batch: int, redetect_s: float = 4.0, steps: int = 2,
+def window_steps(engine, stream: Stream, batch: int, redetect_s: float = REDETECT_S, steps: int = STEPS,
                  source: str | None = None):
     """-> a function that identifies the next ``batch`` windows of ``stream`` in stream order,
     as the stream does (``Engine.identify_overlapped``): new frames' faces (tracked or
@@ -394,7 +393,7 @@ def window_steps(engine, stream: Stream, batch: int, redetect_s: float = 4.0, st
     return step
 
 
-def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = 4.0, steps: int = 2) -> dict:
+def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = REDETECT_S, steps: int = STEPS) -> dict:
     """Whole windows in stream order (``window_steps``)."""
     step = window_steps(engine, stream, batch, redetect_s, steps)
     with PeakMemory(engine.backend.device) as mem:
