@@ -291,10 +291,10 @@ def _bins_np(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * n) // size, ((i + 1) * n + size - 1) // size
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=32)  # a tracked face's few region sizes (a 224 x 500 float32 matrix is 0.45 MB)
 def _bin_members(n: int, size: int, dtype: torch.dtype) -> Tensor:
-    """(size, n) 0/1 matrix (shared: not to be written): row i marks the pixels of bin i of [0, n) (adaptive
-    average pooling's bins, which overlap when size > n)."""
+    """(size, n) 0/1 matrix, shared (not to be written): row i marks the pixels of bin i of
+    [0, n) (adaptive average pooling's bins, which overlap when size > n)."""
     first, end = _bins_np(n, size)
     at = np.arange(n)
     return torch.from_numpy((at[None, :] >= first[:, None]) & (at[None, :] < end[:, None])).to(dtype)
