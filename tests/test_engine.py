@@ -319,6 +319,29 @@ def test_sparse_split_graphs_before_the_keys_are_not_used(engines, tmp_path):
     assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx-cached"
 
 
+def test_damaged_engine_folder_is_a_clear_error(engines, tmp_path):
+    """A missing tokenizer, a missing graph, a truncated graph and missing weights each
+    raise an error that names the file, before anything is served."""
+    _, folder = engines["mme2e_sparse"]
+
+    def damaged(change) -> Path:
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(folder, copy)
+        change(copy)
+        return copy
+
+    with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
+        Engine.load(damaged(lambda f: (f / "tokenizer.json").unlink()), backend="onnx", threads=1)
+    with pytest.raises(FileNotFoundError, match="model.onnx is missing"):
+        Engine.load(damaged(lambda f: (f / "model.onnx").unlink()), backend="onnx", threads=1, feature_cache=0)
+    truncated = damaged(lambda f: (f / "visual_sparse.onnx").write_bytes((f / "visual_sparse.onnx").read_bytes()[:1000]))
+    with pytest.raises(RuntimeError, match="visual_sparse.onnx: ONNX Runtime cannot load this graph"):
+        Engine.load(truncated, backend="onnx", threads=1, feature_cache=64)
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        Engine.load(damaged(lambda f: (f / "model.safetensors").unlink()), backend="torch", threads=1, device="cpu")
+    assert Engine.load(folder, backend="onnx", threads=1, feature_cache=64).backend_name == "onnx-cached"
+
+
 def test_absent_modality_reported(engines):
     model, folder = engines["mme2e"]
     out = Engine.load(folder, backend="onnx").run(random_batch(model.dims, 3, 4, 4, 6))

@@ -88,7 +88,13 @@ class OnnxBackend:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError("onnx backend: device 'cuda' asked for, but onnxruntime has no CUDA provider")
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} is missing: the engine folder is incomplete (export it again with mmid export)")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # a truncated or foreign file: name it
+            raise RuntimeError(f"{path}: ONNX Runtime cannot load this graph, the engine folder is damaged "
+                               f"(export it again with mmid export): {exc}") from exc
         self.name = name
         self.device = device
         self.path = Path(path)
