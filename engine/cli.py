@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mmid {name}: config error: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:  # a missing input (engine, run, corpus, file): its message names it
+        print(f"mmid {name}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mmid {name}: interrupted", file=sys.stderr)
         return 130

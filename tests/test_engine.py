@@ -732,3 +732,13 @@ def test_one_torch_thread_restores_the_count_and_is_per_thread():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_names_a_missing_engine_folder(tmp_path, capsys):
+    """`mmid bench --engine` on a folder that is not there: one line naming it, exit status 1."""
+    from engine.cli import main
+
+    missing = tmp_path / "no-engine"
+    assert main(["bench", "--engine", str(missing), "--batches", "1", "--no-write"]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
