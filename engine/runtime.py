@@ -172,8 +172,9 @@ class Engine:
             faces = pending.result()  # the face thread's error, if any, is raised here
         if len(faces) != len(windows):
             raise ValueError(f"find_faces gave {len(faces)} windows' faces for {len(windows)} windows")
+        crops = [check_crops(i, f[0], self.feature_params.face_size) for i, f in enumerate(faces)]
         with one_torch_thread():
-            tensors, mask = face_batch([f[0] for f in faces], [f[1] for f in faces], self.feature_params)
+            tensors, mask = face_batch(crops, [f[1] for f in faces], self.feature_params)
         batch = dataclasses.replace(batch, faces=tensors, face_mask=mask)
         out = self.backend.run(batch) if prefetched is None else self.backend.run(batch, prefetched)
         return identifications(out, self.persons)
@@ -187,6 +188,8 @@ class Engine:
             return self._collate_raw(windows, sources)
 
     def _collate_raw(self, windows: Sequence[tuple], sources: Sequence[str] | None = None) -> Batch:
+        size = self.feature_params.face_size
+        windows = [(check_crops(i, w[0], size), w[1], check_audio(i, w[2]), *w[3:]) for i, w in enumerate(windows)]
         offsets = [w[4] if len(w) > 4 and w[4] is not None and w[4] >= 0 else None for w in windows]
         plain = [i for i, o in enumerate(offsets) if o is None]
         chunks: list[Any] = [None] * len(windows)
@@ -199,6 +202,38 @@ class Engine:
         samples = [make_sample(w[0], w[1], w[2], w[3], self.tokenizer, self.feature_params, id=name, audio_chunks=c)
                    for w, c, name in zip(windows, chunks, names)]
         return collate(samples)
+
+
+def check_crops(i: int, crops: Any, size: int) -> np.ndarray:
+    """Window ``i``'s face crops as the engine takes them, uint8 RGB (F, size, size, 3), or a
+    ValueError saying what they are instead (a float image in 0..1 would read as black, a
+    crop of another size would be reshaped into nonsense)."""
+    crops = np.asarray(crops)
+    if crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+        raise ValueError(f"window {i}: face crops of shape {crops.shape}; this engine takes (F, {size}, {size}, 3) "
+                         f"uint8 RGB (its features.face_size is {size})")
+    if crops.dtype != np.uint8:
+        raise ValueError(f"window {i}: face crops of dtype {crops.dtype}; this engine takes uint8 RGB 0..255")
+    return crops
+
+
+def check_audio(i: int, audio: Any) -> np.ndarray:
+    """Window ``i``'s audio as the engine takes it, float mono samples (N,) (a (1, N) array is
+    taken as its row), or a ValueError naming what is wrong: several channels, integer PCM
+    (which would be read unscaled), or samples that are not finite."""
+    audio = np.asarray(audio)
+    if audio.ndim == 2 and audio.shape[0] == 1:
+        audio = audio[0]
+    if audio.ndim != 1:
+        raise ValueError(f"window {i}: audio of shape {audio.shape}; the engine takes mono samples (N,) at 16 kHz "
+                         "(mix channels down first, e.g. audio.mean(axis=0))")
+    if audio.dtype.kind != "f":
+        raise ValueError(f"window {i}: audio of dtype {audio.dtype}; the engine takes float samples in -1..1 "
+                         "(int16 PCM: divide by 32768)")
+    bad = int(audio.size - np.count_nonzero(np.isfinite(audio)))
+    if bad:
+        raise ValueError(f"window {i}: {bad} of its {audio.size} audio samples are not finite (NaN or inf)")
+    return audio
 
 
 def _one_torch_thread() -> None:

@@ -491,6 +491,33 @@ def test_identify_raw(engines):
     np.testing.assert_allclose(ids[1].probabilities, 1 / N_PERSONS, atol=1e-6)
 
 
+def test_identify_raw_names_a_window_it_cannot_take(engines):
+    """Crops of another size or dtype, several audio channels, integer PCM and non-finite
+    samples each raise a ValueError naming the window and the problem (before they could be
+    reshaped or cast into a confident wrong answer); a (1, N) audio row is taken as mono."""
+    _, folder = engines["mme2e"]
+    engine = Engine.load(folder, "onnx")
+    rng = np.random.default_rng(0)
+    crops, found = rng.integers(0, 255, (4, 48, 48, 3), dtype=np.uint8), np.ones(4, bool)
+    audio = rng.standard_normal(48000).astype(np.float32) * 0.1
+    good = (crops, found, audio, "hello there")
+    want = engine.identify_raw([good])[0]
+    np.testing.assert_array_equal(engine.identify_raw([(crops, found, audio[None], "hello there")])[0].probabilities,
+                                  want.probabilities)
+    bad = {
+        "face crops of shape \\(4, 64, 64, 3\\)": (np.zeros((4, 64, 64, 3), np.uint8), found, audio, "hi"),
+        "face crops of dtype float32": (crops.astype(np.float32) / 255, found, audio, "hi"),
+        "audio of shape \\(2, 48000\\)": (crops, found, np.stack([audio, audio]), "hi"),
+        "audio of dtype int16": (crops, found, (audio * 32767).astype(np.int16), "hi"),
+        "1 of its 48000 audio samples are not finite": (crops, found, np.where(np.arange(48000) == 7, np.nan, audio), "hi"),
+    }
+    for message, window in bad.items():
+        with pytest.raises(ValueError, match="window 1: " + message):
+            engine.identify_raw([good, window])
+    with pytest.raises(ValueError, match="window 0: face crops of shape"):
+        engine.identify_overlapped([(audio, "hi", 0)], lambda: [(np.zeros((4, 64, 64, 3), np.uint8), found)])
+
+
 @pytest.mark.parametrize("cache", [0, 64])
 def test_identify_overlapped_gives_identify_raw_answers(engines, cache):
     """Faces found in the helper thread while the audio and text features are computed
