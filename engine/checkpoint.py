@@ -94,6 +94,8 @@ def load_checkpoint(
     folder = Path(folder)
     meta = load_meta(folder)
     model = build_model(meta.dims)
+    if not (folder / weights_name).exists():
+        raise FileNotFoundError(f"{folder}: {weights_name} is missing (the run's weights)")
     state = load_file(str(folder / weights_name), device=str(device))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta

@@ -68,8 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg) -> int:
-    from engine.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint, load_meta
 
+    load_meta(args.run)  # not a run at all: say that first
+    if not (args.run / "tokenizer.json").exists():  # checked before minutes of export, not after
+        raise FileNotFoundError(f"{args.run}: tokenizer.json is missing (mmid train writes it into every run)")
     model, meta = load_checkpoint(args.run)
     budget = None
     if meta.dims.name == "mme2e_sparse":

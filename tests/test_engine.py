@@ -769,3 +769,19 @@ def test_cli_names_a_missing_engine_folder(tmp_path, capsys):
     assert main(["bench", "--engine", str(missing), "--batches", "1", "--no-write"]) == 1
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err
+
+
+def test_export_names_what_a_run_folder_lacks(tmp_path, tokenizer_file, capsys):
+    """`mmid export` on a run folder without its tokenizer or its weights: one line naming
+    the file, before any graph is exported."""
+    from engine.cli import main
+
+    model = _model("mme2e", 3)
+    save_checkpoint(tmp_path / "run", model, RunMeta(model.dims, tuple("abcd"), FeatureParams()), tokenizer_file)
+    for lost in ("tokenizer.json", "model.safetensors"):
+        run = tmp_path / f"without-{lost}"
+        shutil.copytree(tmp_path / "run", run)
+        (run / lost).unlink()
+        assert main(["export", "--run", str(run), "--out", str(tmp_path / "engine")]) == 1
+        assert f"{lost} is missing" in capsys.readouterr().err
+        assert not (tmp_path / "engine").exists()
