@@ -159,8 +159,10 @@ def stream_frames(n: int, corpus: Path | None = None, every_s: float = 0.1) -> l
     video after video), else scikit-image's astronaut photo, jittered."""
     if corpus is not None:
         videos = sorted(Path(corpus).rglob("*.avi"))
-        if videos:
-            return _video_frames(videos, n, every_s)
+        if not videos:
+            raise FileNotFoundError(f"--corpus {corpus}: no .avi videos under it (a corpus made by mmid synth, or "
+                                    "IEMOCAP's release, holds them)")
+        return _video_frames(videos, n, every_s)
     from skimage.data import astronaut
 
     photo = astronaut()  # (512, 512, 3), face near (90:260, 160:320)
@@ -426,6 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 TORCH_BACKENDS = ("torch", "torch-cuda", "torch-cuda-graphs")
+KNOWN_BACKENDS = (*TORCH_BACKENDS, "onnx", "onnx-cached", "onnx-int8", "onnx-cached-int8", "tensorrt")
 
 
 def available_backends(info: dict) -> list[str]:
@@ -460,6 +463,11 @@ def run(args: argparse.Namespace, cfg) -> int:
     torch.set_num_threads(args.threads)
     engines = list(args.engine or [])
     wanted = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in wanted if b not in KNOWN_BACKENDS]
+    if unknown:
+        print(f"mmid bench: unknown backend(s) {', '.join(unknown)}; choose among {', '.join(KNOWN_BACKENDS)}",
+              file=sys.stderr)
+        return 2
     if not engines:
         preset = args.preset or "tiny"
         budget = tuple(args.sparse_budget) if args.sparse_budget else None
@@ -483,6 +491,9 @@ def run(args: argparse.Namespace, cfg) -> int:
     for path in engines:
         info = _folder_info(Path(path))
         backends = [b for b in available_backends(info) if not wanted or b in wanted]
+        if not backends:
+            print(f"[bench] {path}: none of {', '.join(wanted)} is available for it here (available: "
+                  f"{', '.join(available_backends(info))})", file=sys.stderr)
         for backend in backends:
             engine = open_engine(Path(path), backend, args.threads, cfg.engine.feature_cache)
             stream = stream or Stream.make(engine.feature_params, args.corpus, pool_s)

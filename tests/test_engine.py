@@ -785,3 +785,16 @@ def test_export_names_what_a_run_folder_lacks(tmp_path, tokenizer_file, capsys):
         assert main(["export", "--run", str(run), "--out", str(tmp_path / "engine")]) == 1
         assert f"{lost} is missing" in capsys.readouterr().err
         assert not (tmp_path / "engine").exists()
+
+
+def test_bench_refuses_what_it_cannot_time(engines, tmp_path, capsys):
+    """`mmid bench`: an unknown backend name and a --corpus without videos end the run with
+    one line saying so, instead of timing nothing or other frames."""
+    from engine.cli import main
+
+    _, folder = engines["mme2e"]
+    assert main(["bench", "--engine", str(folder), "--backends", "onnx,onnx-fast", "--no-write"]) == 2
+    assert "unknown backend(s) onnx-fast" in capsys.readouterr().err
+    assert main(["bench", "--engine", str(folder), "--backends", "onnx", "--batches", "1", "--iters", "1",
+                 "--corpus", str(tmp_path), "--no-write"]) == 1
+    assert "no .avi videos" in capsys.readouterr().err
