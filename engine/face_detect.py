@@ -261,8 +261,8 @@ def area_crops(table: Tensor, image: Tensor, y0: Tensor, y1: Tensor, x0: Tensor,
 
 
 def area_crop_np(frame: np.ndarray, y0: int, y1: int, x0: int, x1: int, size: int) -> np.ndarray:
-    """``area_crops`` of one region of one uint8 (H, W, C) frame in NumPy: float32 (C, size,
-    size), the same numbers (the same bins, the same integer sums, one float32 division).
+    """``area_crops`` of one region of one NumPy uint8 (H, W, C) frame -> NumPy float32 (C,
+    size, size), the same numbers (the same bins, the same integer sums, one float32 division).
     For the tracker's few crops per frame, where the integral image of the whole frame and a
     dozen small torch operations cost more than the crop. The sums are separable, and each
     half is a product with a 0/1 matrix of bin membership (``_bin_members``): the rows of
