@@ -490,10 +490,11 @@ def run(args: argparse.Namespace, cfg) -> int:
     pool_s = Stream.seconds_for(max((iterations[b] + 1) * b + 1 for b in batches)) + 1.0  # nothing repeats in a row
     for path in engines:
         info = _folder_info(Path(path))
-        backends = [b for b in available_backends(info) if not wanted or b in wanted]
+        available = available_backends(info)
+        backends = [b for b in available if not wanted or b in wanted]
         if not backends:
             print(f"[bench] {path}: none of {', '.join(wanted)} is available for it here (available: "
-                  f"{', '.join(available_backends(info))})", file=sys.stderr)
+                  f"{', '.join(available)})", file=sys.stderr)
         for backend in backends:
             engine = open_engine(Path(path), backend, args.threads, cfg.engine.feature_cache)
             stream = stream or Stream.make(engine.feature_params, args.corpus, pool_s)

@@ -94,8 +94,12 @@ def load_checkpoint(
     folder = Path(folder)
     meta = load_meta(folder)
     model = build_model(meta.dims)
-    if not (folder / weights_name).exists():
-        raise FileNotFoundError(f"{folder}: {weights_name} is missing (the run's weights)")
-    state = load_file(str(folder / weights_name), device=str(device))
-    model.load_state_dict(state, strict=True)
+    load_weights(model, folder / weights_name, device)
     return model.to(device).eval(), meta
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: str | torch.device = "cpu") -> None:
+    """Load a safetensors file into ``model`` (strict), naming the file when it is missing."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (the model's weights)")
+    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.dims import ModelDims
-from engine.features import FeatureParams
+from engine.features import FeatureParams, Tokenizer
 from engine.runtime import ENGINE_FILE, ENGINE_FORMAT_VERSION
 
 DEFAULT_SPARSE_BUDGET = 0.5  # fraction of sites kept per stage when nothing else says
@@ -68,11 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg) -> int:
-    from engine.checkpoint import load_checkpoint, load_meta
+    from engine.checkpoint import load_checkpoint
 
-    load_meta(args.run)  # not a run at all: say that first
-    if not (args.run / "tokenizer.json").exists():  # checked before minutes of export, not after
-        raise FileNotFoundError(f"{args.run}: tokenizer.json is missing (mmid train writes it into every run)")
     model, meta = load_checkpoint(args.run)
     budget = None
     if meta.dims.name == "mme2e_sparse":
@@ -108,7 +105,7 @@ def calibrate_budget(model, data: Path, run: Path, limit: int = CALIBRATION_SAMP
     """The CDF rule's realised active fraction per stage on the valid split (max of audio and
     visual, averaged over utterances): the fixed budget that keeps as many sites as the paper's rule."""
     from engine.checkpoint import load_meta
-    from engine.features import Tokenizer, collate
+    from engine.features import collate
     from training.dataset import PreparedDataset, read_split  # export-time only: serving never gets here
 
     meta = load_meta(run)
@@ -133,7 +130,7 @@ def calibrate_budget(model, data: Path, run: Path, limit: int = CALIBRATION_SAMP
 def data_batches(run: Path, data: Path, split: str, limit: int, batch: int = 8) -> tuple[list, list[int]]:
     """Collated Batches of up to ``limit`` utterances of a prepared split, and their person indices."""
     from engine.checkpoint import load_meta
-    from engine.features import Tokenizer, collate
+    from engine.features import collate
     from training.dataset import PreparedDataset, read_split  # export-time only: serving never gets here
 
     meta = load_meta(run)
@@ -197,6 +194,7 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
 
     from engine.backends.onnx_backend import export_onnx
 
+    Tokenizer(tokenizer_file)  # a missing or unreadable tokenizer is refused before minutes of export
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()

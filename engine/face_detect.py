@@ -274,30 +274,23 @@ def area_crop_np(frame: np.ndarray, y0: int, y1: int, x0: int, x1: int, size: in
     uses)."""
     region = frame[y0:y1, x0:x1]  # (h, w, C)
     h, w, c = region.shape
-    r0, r1 = _bins_np(h, size)  # (S,) row bins, relative to y0
-    c0, c1 = _bins_np(w, size)
-    count = torch.from_numpy((r1 - r0)[:, None] * (c1 - c0)[None, :])  # (S, S) pixels per bin
-    dtype = torch.float32 if int(count.max()) * 255 < 1 << 24 else torch.float64
+    in_row_bin, in_col_bin = _bin_members(h, size), _bin_members(w, size)  # (S, h), (S, w)
+    count = in_row_bin.sum(1)[:, None] * in_col_bin.sum(1)[None, :]  # (S, S) pixels per bin
+    dtype = torch.float32 if float(count.max()) * 255 < 1 << 24 else torch.float64
     pixels = torch.from_numpy(np.ascontiguousarray(region)).reshape(h, w * c).to(dtype)
-    rows = _bin_members(h, size, dtype) @ pixels  # (S, w*C) each row bin's sums
+    rows = in_row_bin.to(dtype) @ pixels  # (S, w*C) each row bin's sums
     rows = rows.view(size, w, c).transpose(1, 2).reshape(size * c, w)  # (S*C, w)
-    total = rows @ _bin_members(w, size, dtype).T  # (S*C, S) each bin's sum
-    return (total.view(size, c, size).float() / count[:, None, :].float()).transpose(0, 1).numpy()
+    total = rows @ in_col_bin.to(dtype).T  # (S*C, S) each bin's sum
+    return (total.view(size, c, size).float() / count[:, None, :]).transpose(0, 1).numpy()
 
 
-def _bins_np(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``_bins`` of [0, n) into ``size`` cells in NumPy: (size,) first and end."""
-    i = np.arange(size)
-    return (i * n) // size, ((i + 1) * n + size - 1) // size
-
-
-@functools.lru_cache(maxsize=32)  # a tracked face's few region sizes (a 224 x 500 float32 matrix is 0.45 MB)
-def _bin_members(n: int, size: int, dtype: torch.dtype) -> Tensor:
-    """(size, n) 0/1 matrix, shared (not to be written): row i marks the pixels of bin i of
-    [0, n) (adaptive average pooling's bins, which overlap when size > n)."""
-    first, end = _bins_np(n, size)
-    at = np.arange(n)
-    return torch.from_numpy((at[None, :] >= first[:, None]) & (at[None, :] < end[:, None])).to(dtype)
+@functools.lru_cache(maxsize=32)  # a tracked face's few region sizes (a 224 x 500 matrix is 0.45 MB)
+def _bin_members(n: int, size: int) -> Tensor:
+    """float32 (size, n) 0/1 matrix, shared (not to be written): row i marks the pixels of
+    ``_bins``' bin i of [0, n) (adaptive average pooling's bins, which overlap when size > n)."""
+    first, end = _bins(torch.zeros(1, dtype=torch.long), torch.tensor([n]), size)  # (1, S)
+    at = torch.arange(n)[None, :]  # (1, n)
+    return ((at >= first[0][:, None]) & (at < end[0][:, None])).float()
 
 
 def _nms(boxes: Tensor, scores: Tensor, image: Tensor, iou: float) -> Tensor:

@@ -294,6 +294,8 @@ class Tokenizer:
         self.path = Path(path)
         if self.path.is_dir():
             self.path = self.path / "tokenizer.json"
+        if not self.path.exists():  # the library's own error names no file
+            raise FileNotFoundError(f"{self.path} is missing (mmid train and mmid export write one into their folder)")
         self._tok = _HFTokenizer.from_file(str(self.path))
         self._tok.no_padding()
         self._tok.no_truncation()

@@ -121,13 +121,10 @@ class Engine:
             info, dims, persons, params = {"backend": "torch", "run": True}, meta.dims, meta.persons, meta.features
         else:
             raise FileNotFoundError(f"{path} is neither an engine folder ({ENGINE_FILE}) nor a run folder (model.json)")
-        if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path}: tokenizer.json is missing (mmid export and mmid train both write "
-                                    "one into their folder; make the folder again)")
+        tokenizer = Tokenizer(path / "tokenizer.json", max_tokens=params.max_tokens)  # before the slower backend
         choice = _choose_backend(path, info, backend, device)
         impl = _open_backend(choice, path, info, dims, threads, int8, device, compile, cuda_graphs, half, feature_cache)
         log.info("engine %s: backend %s on %s (asked: %s)", path, impl.name, impl.device, backend)
-        tokenizer = Tokenizer(path / "tokenizer.json", max_tokens=params.max_tokens)
         return cls(impl, dims, persons, params, tokenizer, info)
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
@@ -348,16 +345,12 @@ def _require_int8_top1(path: Path, info: dict, variant: str, int8: bool | str) -
 
 def _torch_backend(path: Path, info: dict, dims: ModelDims, threads: int, device: str, compile: bool,
                    cuda_graphs: bool = False, half: bool = False) -> Backend:
-    from safetensors.torch import load_file
-
     from engine.backends.torch_backend import TorchBackend
+    from engine.checkpoint import load_weights
     from engine.model import build_model
 
-    weights = path / info.get("weights", "model.safetensors")
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} is missing: the torch backend loads the weights from it (make the folder again)")
     model = build_model(dims)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    load_weights(model, path / info.get("weights", "model.safetensors"))
     if info.get("sparse_budget") and hasattr(model, "set_sparse_budget"):
         model.set_sparse_budget(info["sparse_budget"])  # serve exactly what was exported
     return TorchBackend(model, device=device, compile=compile, threads=threads, cuda_graphs=cuda_graphs, half=half)
