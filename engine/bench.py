@@ -410,10 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", type=Path, nargs="+", help="engine folders to benchmark")
     parser.add_argument("--preset", choices=["tiny", "default", "paper"], help="build random-weight engines of this preset")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result line")
-    parser.add_argument("--backends", default="", help="comma list among torch, torch-cuda, torch-cuda-graphs (CUDA "
-                        "graphs + fp16), onnx, onnx-cached (CNN outputs reused across windows), onnx-int8, "
-                        "onnx-cached-int8 (static int8 CNN graphs, cached), "
-                        "tensorrt (default: all available)")
+    parser.add_argument("--backends", default="", help="comma list among " + ", ".join(
+        f"{b.name} ({b.help})" if b.help else b.name for b in BENCH_BACKENDS) + " (default: all available)")
     parser.add_argument("--scopes", default="model,window", help="comma list among model,window")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the targets are for 2)")
@@ -427,36 +425,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
 
 
-TORCH_BACKENDS = ("torch", "torch-cuda", "torch-cuda-graphs")
-KNOWN_BACKENDS = (*TORCH_BACKENDS, "onnx", "onnx-cached", "onnx-int8", "onnx-cached-int8", "tensorrt")
+@dataclass(frozen=True)
+class BenchBackend:
+    """One name ``mmid bench --backends`` takes: how ``Engine.load`` opens it, and what an
+    engine folder (its engine.json) and the machine need for it."""
+
+    name: str
+    help: str  # for --backends
+    backend: str  # Engine.load's backend
+    needs: str = ""  # engine.json key the folder must have ("": none, a run folder will do)
+    cuda: bool = False  # needs a CUDA device
+    device: str | None = None
+    options: tuple[tuple[str, object], ...] = ()  # further Engine.load keywords
+    cached: bool = False  # takes the engine's feature cache (config [engine] feature_cache)
+
+
+BENCH_BACKENDS = (
+    BenchBackend("torch", "", "torch", device="cpu"),
+    BenchBackend("torch-cuda", "", "torch", cuda=True, device="cuda"),
+    BenchBackend("torch-cuda-graphs", "CUDA graphs + fp16", "torch", cuda=True, device="cuda",
+                 options=(("cuda_graphs", True), ("half", True))),
+    BenchBackend("onnx", "", "onnx", needs="graph"),
+    BenchBackend("onnx-cached", "CNN outputs reused across windows", "onnx", needs="split_graphs", cached=True),
+    # int8 "force": timed even where the int8 check's top-1 did not hold
+    BenchBackend("onnx-int8", "", "onnx", needs="int8_graph", options=(("int8", "force"),)),
+    BenchBackend("onnx-cached-int8", "static int8 CNN graphs, cached", "onnx", needs="split_int8_graphs",
+                 options=(("int8", "force"),), cached=True),
+    BenchBackend("tensorrt", "", "tensorrt", needs="plan", cuda=True),
+)
+BY_NAME = {b.name: b for b in BENCH_BACKENDS}
+KNOWN_BACKENDS = tuple(BY_NAME)
+TORCH_BACKENDS = tuple(b.name for b in BENCH_BACKENDS if b.backend == "torch")
 
 
 def available_backends(info: dict) -> list[str]:
-    """Backends an engine (or run) folder can be timed with on this machine."""
-    out = ["torch"] + (["onnx"] if info.get("graph") else []) + (["onnx-cached"] if info.get("split_graphs") else [])
-    out += ["onnx-int8"] if info.get("int8_graph") else []
-    out += ["onnx-cached-int8"] if info.get("split_int8_graphs") else []
-    if torch.cuda.is_available():
-        out[1:1] = ["torch-cuda", "torch-cuda-graphs"]
-        if info.get("plan"):
-            out.append("tensorrt")
-    return out
+    """Backends an engine (or run) folder can be timed with on this machine, in BENCH_BACKENDS order."""
+    cuda = torch.cuda.is_available()
+    return [b.name for b in BENCH_BACKENDS if (not b.needs or info.get(b.needs)) and (cuda or not b.cuda)]
 
 
 def open_engine(path: Path, backend: str, threads: int, feature_cache: int = 0):
+    """The engine at ``path`` opened as the bench backend ``backend`` (a BENCH_BACKENDS name)."""
     from engine.runtime import Engine
 
-    if backend == "torch-cuda":
-        return Engine.load(path, "torch", threads, device="cuda")
-    if backend == "torch-cuda-graphs":
-        return Engine.load(path, "torch", threads, device="cuda", cuda_graphs=True, half=True)
-    if backend == "onnx-cached":
-        return Engine.load(path, "onnx", threads, feature_cache=feature_cache)
-    if backend == "onnx-int8":
-        return Engine.load(path, "onnx", threads, int8="force")  # timed even where top-1 did not hold
-    if backend == "onnx-cached-int8":
-        return Engine.load(path, "onnx", threads, int8="force", feature_cache=feature_cache)
-    return Engine.load(path, backend, threads, device="cpu" if backend == "torch" else None)
+    b = BY_NAME[backend]
+    return Engine.load(path, b.backend, threads, device=b.device, feature_cache=feature_cache if b.cached else 0,
+                       **dict(b.options))
 
 
 def run(args: argparse.Namespace, cfg) -> int:
