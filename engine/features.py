@@ -189,28 +189,49 @@ def grid_mel_chunks(audio: np.ndarray, offset: int, params: Any = None, cache: C
     chunk whose samples were seen before within ``scope`` (a digest of both; the engine
     passes the window's source) is taken from it instead of being computed again: the
     same bits, as the chunk is a function of those samples alone."""
+    return grid_mel_chunks_batch([(audio, offset, scope)], params, cache)[0]
+
+
+def grid_mel_chunks_batch(windows: Sequence[tuple[np.ndarray, int, str]], params: Any = None,
+                          cache: ChunkCache | None = None) -> list[torch.Tensor]:
+    """``[grid_mel_chunks(audio, offset, params, cache, scope) for audio, offset, scope in
+    windows]``, with the chunks not found in the cache computed in one transform call (a
+    chunk shared by several of the windows once). The spectrogram of a batch of equal-length
+    pieces gives each the bits it gets alone (tests/test_features.py), so a chunk is the
+    same whichever windows it was computed with."""
     p = as_params(params) if params is not None else FeatureParams()
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     grid, ctx = p.chunk_frames * p.hop_length, p.n_fft // 2
-    first = -(-(offset + ctx) // grid) * grid  # first grid start with ctx samples of the window before it
-    starts = list(range(first, offset + audio.shape[0] - ctx - grid + 1, grid))[: p.max_chunks]
-    if not starts:
-        return torch.zeros(0, 1, p.n_mels, p.chunk_frames)
-    transform = _mel_transform(p.sample_rate, p.n_fft, p.hop_length, p.n_mels, "cpu", center=False)
-    chunks = []
-    with torch.no_grad():
-        for start in starts:  # one call per chunk: same shapes, so the same bits wherever the chunk sits
-            samples = audio[start - ctx - offset: start + grid + ctx - offset]
-            key = b""
+    per_window: list[list[bytes]] = []
+    samples: dict[bytes, np.ndarray] = {}  # key -> the chunk's samples, in order of first use
+    chunks: dict[bytes, torch.Tensor] = {}
+    for n, (audio, offset, scope) in enumerate(windows):
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        first = -(-(offset + ctx) // grid) * grid  # first grid start with ctx samples of the window before it
+        keys = []
+        for start in list(range(first, offset + audio.shape[0] - ctx - grid + 1, grid))[: p.max_chunks]:
+            piece = audio[start - ctx - offset: start + grid + ctx - offset]  # (grid + 2 ctx,)
+            # with a cache: a digest of the scope and the samples; without, the window and the start
+            key = (hashlib.blake2b(scope.encode() + b"\0" + piece.tobytes(), digest_size=16).digest()
+                   if cache is not None else f"{n}:{start}".encode())
+            keys.append(key)
+            if key not in chunks and key not in samples:
+                found = cache.get(key) if cache is not None else None
+                if found is None:
+                    samples[key] = piece
+                else:
+                    chunks[key] = found
+        per_window.append(keys)
+    if samples:
+        transform = _mel_transform(p.sample_rate, p.n_fft, p.hop_length, p.n_mels, "cpu", center=False)
+        with torch.no_grad():
+            new = torch.log(transform(torch.from_numpy(np.stack(list(samples.values()))))[:, :, : p.chunk_frames]
+                            + LOG_EPS)  # (K, n_mels, chunk_frames)
+        for key, chunk in zip(samples, new):
+            chunks[key] = chunk = chunk.clone()  # its own storage: a cached chunk keeps no batch alive
             if cache is not None:
-                key = hashlib.blake2b(scope.encode() + b"\0" + samples.tobytes(), digest_size=16).digest()
-            chunk = cache.get(key) if cache is not None else None
-            if chunk is None:
-                chunk = torch.log(transform(torch.from_numpy(samples))[:, : p.chunk_frames] + LOG_EPS)  # (n_mels, cf)
-                if cache is not None:
-                    cache.put(key, chunk)
-            chunks.append(chunk)
-    return torch.stack(chunks)[:, None]  # (C, 1, n_mels, chunk_frames)
+                cache.put(key, chunk)
+    return [torch.stack([chunks[k] for k in keys])[:, None] if keys else torch.zeros(0, 1, p.n_mels, p.chunk_frames)
+            for keys in per_window]  # each (C, 1, n_mels, chunk_frames)
 
 
 def mel_chunks_batch(audios: Sequence[np.ndarray], params: Any = None, device: str = "cpu") -> list[torch.Tensor]:

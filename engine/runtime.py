@@ -29,7 +29,7 @@ import numpy as np
 from engine.backends import BACKENDS, Backend
 from engine.backends.feature_cache import FeatureCache
 from engine.dims import ModelDims
-from engine.features import (Batch, FeatureParams, Tokenizer, collate, face_batch, grid_mel_chunks, make_sample,
+from engine.features import (Batch, FeatureParams, Tokenizer, collate, face_batch, grid_mel_chunks_batch, make_sample,
                              mel_chunks_batch)
 
 log = logging.getLogger("mmid.engine")
@@ -193,9 +193,11 @@ class Engine:
         for i, c in zip(plain, mel_chunks_batch([windows[i][2] for i in plain], self.feature_params, self.backend.device)):
             chunks[i] = c
         names = list(sources) if sources is not None else [""] * len(windows)
-        for i, o in enumerate(offsets):
-            if o is not None:
-                chunks[i] = grid_mel_chunks(windows[i][2], o, self.feature_params, self._chunks, names[i])
+        on_grid = [i for i, o in enumerate(offsets) if o is not None]
+        grids = grid_mel_chunks_batch([(windows[i][2], offsets[i], names[i]) for i in on_grid], self.feature_params,
+                                      self._chunks)
+        for i, c in zip(on_grid, grids):
+            chunks[i] = c
         samples = [make_sample(w[0], w[1], w[2], w[3], self.tokenizer, self.feature_params, id=name, audio_chunks=c)
                    for w, c, name in zip(windows, chunks, names)]
         return collate(samples)

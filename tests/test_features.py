@@ -223,3 +223,26 @@ def test_grid_chunks_from_the_cache_are_the_same_bits():
     assert calls == {"get": 6 + 6 + 6, "hit": 0 + 3 + 4}
     grid_mel_chunks(stream[48000:96000], 48000, cache=cache, scope="cam2")  # another source: nothing shared
     assert calls["hit"] == 7
+
+
+def test_grid_chunks_of_a_batch_of_windows_are_those_of_each_window():
+    """A batch of windows (two sources, overlapping windows) in one call: each window's
+    chunks have the bits it gets alone, a chunk that windows of one source share is
+    computed once and put in the cache once, and sources share nothing."""
+    from engine.backends.feature_cache import FeatureCache
+    from engine.features import grid_mel_chunks, grid_mel_chunks_batch
+
+    streams = {"cam1": _noise(10.0), "cam2": _noise(10.0) * 0.5}
+    windows = [(streams[s][start:start + 48000], start, s) for s in ("cam1", "cam2") for start in (16000, 32000, 48000)]
+    cache = FeatureCache(64)
+    puts = []
+    put = cache.put
+    cache.put = lambda key, value: (puts.append(key), put(key, value))
+    together = grid_mel_chunks_batch(windows, cache=cache)
+    for (audio, offset, _), chunks in zip(windows, together):
+        assert torch.equal(chunks, grid_mel_chunks(audio, offset))
+    # per source: 6 + 3 + 2 new chunks (the windows share 3, then 4, as in the test above)
+    assert len(puts) == len(set(puts)) == 2 * (6 + 3 + 2)
+    again = grid_mel_chunks_batch(windows, cache=cache)  # all from the cache now
+    assert len(puts) == 22 and all(torch.equal(a, b) for a, b in zip(again, together))
+    assert grid_mel_chunks_batch([(streams["cam1"][:6000], 0, "cam1")], cache=cache)[0].shape == (0, 1, 128, 32)
