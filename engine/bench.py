@@ -529,9 +529,45 @@ def run(args: argparse.Namespace, cfg) -> int:
         for row in peer_rows(stream or Stream.make(_params(), args.corpus, pool_s), args.threads, batches):
             rows.append(row)
             _emit(row, args.json)
+    table = comparisons(rows)
+    if table:  # after the rows; with --json on stderr, so that stdout stays one JSON object per line
+        print("\n".join(table), file=sys.stderr if args.json else sys.stdout, flush=True)
     if not args.no_write:
-        write_markdown(rows, Path("BENCHMARKS.md"))
+        write_markdown(rows, Path("BENCHMARKS.md"), table)
     return 0
+
+
+PEER = "peer-mme2e"  # benchmarks/peer.py's rows
+
+
+def _speed(row: dict) -> float:
+    """What a row is compared on: batch 1 per-window latency (as 1 / p50), larger batches throughput."""
+    return 1000.0 / row["p50_ms"] if row["batch"] == 1 else row["windows_per_s"]
+
+
+def comparisons(rows: list[dict]) -> list[str]:
+    """Markdown lines comparing the rows of one run: each engine row against the original
+    workload's row of the same scope and batch (when --peer timed it), and each sparse row
+    against the dense row of the same backend, scope and batch: how many times faster, on
+    latency (p50) at batch 1 and on windows/s at larger batches. [] when nothing compares."""
+    peer = {(r["scope"], r["batch"]): r for r in rows if r["model"] == PEER}
+    dense = {(r["backend"], r["scope"], r["batch"]): r for r in rows if r["model"] == "mme2e"}
+    out = []
+    for r in rows:
+        if r["model"] == PEER:
+            continue
+        p, d = peer.get((r["scope"], r["batch"])), dense.get((r["backend"], r["scope"], r["batch"]))
+        vs_peer = f"{_speed(r) / _speed(p):.1f}x" if p else ""
+        vs_dense = f"{_speed(r) / _speed(d):.2f}x" if d is not None and r["model"] != "mme2e" else ""
+        if vs_peer or vs_dense:
+            out.append(f"| {r['model']} | {r['backend']} | {r['scope']} | {r['batch']} | {vs_peer} | {vs_dense} |")
+    if not out:
+        return []
+    return ["In this run, how many times faster (batch 1: p50 latency; larger batches: windows/s) each engine "
+            "is than the original workload at the same scope and batch, and a sparse engine than the dense one on "
+            "the same backend (below 1: slower):", "",
+            "| model | backend | scope | batch | vs original workload | sparse vs dense |", "|---|---|---|---|---|---|",
+            *out]
 
 
 def _folder_info(path: Path) -> dict:
@@ -581,8 +617,9 @@ def machine() -> str:
     return f"{cpu}, {__import__('os').cpu_count()} cores, {gpu}, {load}"
 
 
-def write_markdown(rows: list[dict], path: Path) -> None:
-    """Replace the '## Engine' section of BENCHMARKS.md (other sections are kept)."""
+def write_markdown(rows: list[dict], path: Path, table: list[str] = ()) -> None:
+    """Replace the '## Engine' section of BENCHMARKS.md (other sections are kept); ``table``:
+    ``comparisons(rows)``, written under the rows."""
     from engine.export import versions
 
     v = versions()
@@ -611,6 +648,8 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         lines.append(f"| {r['model']} | {r['backend']} | {r.get('device', 'cpu')} | {r['scope']} | {r['batch']} | "
                      f"{r['p50_ms']} | {r['p95_ms']} | {r['windows_per_s']} | {r.get('peak_mib', '')} | "
                      f"{r.get('gflops_per_window', '')} | {r.get('sparse_budget') or ''} |")
+    if table:
+        lines += ["", *table]
     path.write_text(replace_section(path.read_text() if path.exists() else "# Benchmarks\n", "## Engine", lines))
 
 

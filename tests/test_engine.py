@@ -679,6 +679,29 @@ def test_bench_replaces_only_its_own_section_in_place():
     assert replace_section("# Benchmarks\n", "## Engine", ["## Engine"]).endswith("\n\n## Engine\n")
 
 
+def test_bench_compares_each_row_with_the_original_workload_and_the_dense_engine():
+    """``comparisons``: batch 1 on p50 latency, larger batches on windows/s; against the
+    original workload's row of the same scope and batch, a sparse row against the dense row
+    of its backend; rows without a counterpart are left out."""
+    from engine.bench import comparisons
+
+    def row(model, backend, scope, batch, p50, wps):
+        return {"model": model, "backend": backend, "scope": scope, "batch": batch, "p50_ms": p50, "windows_per_s": wps}
+
+    cached = "onnx-cached-int8"
+    rows = [row("mme2e", cached, "window", 1, 30.0, 30.0), row("mme2e", cached, "window", 8, 200.0, 40.0),
+            row("mme2e_sparse", cached, "window", 1, 40.0, 25.0), row("mme2e_sparse", cached, "window", 8, 180.0, 44.0),
+            row("mme2e_sparse", "onnx", "model", 8, 500.0, 16.0),  # no dense row, no peer row: left out
+            row("peer-mme2e", "torch-eager", "window", 1, 300.0, 3.3),
+            row("peer-mme2e", "torch-eager", "window", 8, 2000.0, 4.0)]
+    table = comparisons(rows)
+    assert table[-4:] == ["| mme2e | onnx-cached-int8 | window | 1 | 10.0x |  |",
+                          "| mme2e | onnx-cached-int8 | window | 8 | 10.0x |  |",
+                          "| mme2e_sparse | onnx-cached-int8 | window | 1 | 7.5x | 0.75x |",
+                          "| mme2e_sparse | onnx-cached-int8 | window | 8 | 11.0x | 1.10x |"]
+    assert comparisons([rows[0]]) == []
+
+
 def test_bench_stream_transcripts_follow_the_stream_rule():
     """The bench's windows get the transcript the stream would give them (the segments
     whose midpoint they hold), so neighbours share it as in a stream; no two segments
@@ -722,7 +745,11 @@ def test_bench_json_rows(engines, capsys):
     folders = [str(engines[name][1]) for name in ("mme2e", "mme2e_sparse")]
     assert mmid(["bench", "--engine", *folders, "--json", "--batches", "1,2", "--iters", "2", "--no-write",
                  "--backends", "onnx,onnx-cached"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in lines)  # the comparison table goes to stderr with --json
+    rows = [json.loads(line) for line in lines]
+    assert "| mme2e_sparse | onnx-cached | window | 2 |  | " in captured.err  # sparse vs dense, no peer timed
     assert {(r["model"], r["backend"], r["scope"], r["batch"]) for r in rows} == {
         (m, "onnx", s, b) for m in ("mme2e", "mme2e_sparse") for s in ("model", "window") for b in (1, 2)
     } | {(m, "onnx-cached", "window", b) for m in ("mme2e", "mme2e_sparse") for b in (1, 2)}
