@@ -1,14 +1,17 @@
 """Whole-window A/B of engine folders, interleaved in one process.
 
     .venv/bin/python benchmarks/window_ab.py [--batch 1] [--steps 200] [--backend onnx-cached-int8] \\
-        [--corpus CORPUS] [--set section.key=value ...] [--json] [LABEL=]ENGINE [[LABEL=]ENGINE ...]
+        [--block 1] [--corpus CORPUS] [--set section.key=value ...] [--json] [LABEL=]ENGINE [[LABEL=]ENGINE ...]
 
 `mmid bench` times one engine after another; on a host whose speed moves within
 minutes (BENCHMARKS.md) two engines timed a minute apart are not comparable. Here
 every engine takes one window step in turn (the bench's window scope,
 ``engine.bench.window_steps``: its own stream of the same content, its own source
 name and face tracker), the order reversed every other round, so a change of the
-host's speed falls on all of them alike. Per engine it prints p50, mean and p95 ms per
+host's speed falls on all of them alike. ``--block N``: N steps per turn instead
+of one, so that an engine's weights stay in the CPU's caches within its turn (one
+step per turn makes every engine start its step after another engine's, as no
+single-engine process does) while the turns still spread the host's changes. Per engine it prints p50, mean and p95 ms per
 step and windows/s, and, for the cached ONNX backend, the same for the steps whose
 windows brought a transcript not seen before (the text encoder ran) and for the
 others: the split that shows what a text-guided sparse model pays when a
@@ -54,6 +57,7 @@ def main() -> int:
     parser.add_argument("--backend", default="onnx-cached-int8", help="as mmid bench --backends (one)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=200, help="timed steps per engine")
+    parser.add_argument("--block", type=int, default=1, help="consecutive steps per engine and turn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", type=Path, help="synthetic corpus folder for real face frames (mmid synth)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -73,14 +77,16 @@ def main() -> int:
         runs.append({"label": label or folder, "engine": engine, "step": step, "times": [], "new_text": []})
     for run in runs:
         run["step"]()  # warm-up
-    for i in range(args.steps):
-        for run in runs if i % 2 == 0 else runs[::-1]:
-            before = text_misses(run["engine"])
-            t = time.perf_counter()
-            run["step"]()
-            run["times"].append((time.perf_counter() - t) * 1000.0)
-            after = text_misses(run["engine"])
-            run["new_text"].append(None if before is None else after > before)
+    block = max(1, args.block)
+    for turn in range(-(-args.steps // block)):
+        for run in runs if turn % 2 == 0 else runs[::-1]:
+            for _ in range(min(block, args.steps - turn * block)):
+                before = text_misses(run["engine"])
+                t = time.perf_counter()
+                run["step"]()
+                run["times"].append((time.perf_counter() - t) * 1000.0)
+                after = text_misses(run["engine"])
+                run["new_text"].append(None if before is None else after > before)
     for run in runs:
         rows = [("all", run["times"])]
         if run["new_text"][0] is not None:
