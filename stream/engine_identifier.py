@@ -48,6 +48,10 @@ log = logging.getLogger("stream.engine")
 
 FACE_CACHE_FRAMES = 2048  # cached crops at most (~7 KB each at 48x48): a few hundred windows of all sources
 TIME_EPS_S = 1e-3  # seconds of slack when thinning frames to the model's interval
+# a window whose frames are all at least this fraction of the model's interval apart is taken as
+# already sampled (the stream's decoder keeps the first frame at or after each interval slot, so
+# at 25 fps its frames are 0.48 or 0.52 s apart); closer frames are thinned on a fixed time grid
+SAMPLED_GAP = 0.75
 
 FaceEntry = tuple[np.ndarray, bool, np.ndarray]  # crop uint8 (S, S, 3), face found, box float32 (4,) or NaN
 FINGERPRINT_STEP = 16  # pixels between the samples that fingerprint a cached frame
@@ -156,18 +160,23 @@ class EngineIdentifier:
 
     # -- faces ------------------------------------------------------------------
     def sampled(self, window: Window) -> list[int]:
-        """Indices of the window's frames one img_interval apart (the model's sampling)."""
-        keep, next_t = [], None
-        for i, t in enumerate(window.frame_times):
-            if next_t is None or t >= next_t - TIME_EPS_S:
-                keep.append(i)
-                next_t = t + self._interval_s
-        gaps = np.diff(window.frame_times)
+        """Indices of the window's frames one img_interval apart (the model's sampling): all of
+        them when no two are closer than SAMPLED_GAP intervals (the stream's decoder already
+        thinned them, stream/ingest.py), else the first frame of each interval slot of stream
+        time (slot k = [k, k + 1) intervals). Either way a frame is kept or dropped whatever
+        window it is in, so overlapping windows share their sampled frames. (Keeping the next
+        frame at least one interval after the last kept one, as before, dropped every other
+        frame of a 25 fps stream: 0.52 s, then 1.0 s is less than an interval after it.)"""
+        times = np.asarray(window.frame_times, dtype=np.float64)
+        gaps = np.diff(times)
         if not self._warned_sparse and gaps.size and np.median(gaps) > 1.5 * self._interval_s:
             self._warned_sparse = True
             log.warning("frames arrive every %.3f s, the model was trained on one every %.3f s",
                         float(np.median(gaps)), self._interval_s)
-        return keep
+        if not gaps.size or gaps.min() >= SAMPLED_GAP * self._interval_s:
+            return list(range(len(times)))
+        slots = np.floor((times + TIME_EPS_S) / self._interval_s)
+        return [i for i in range(len(times)) if i == 0 or slots[i] != slots[i - 1]]
 
     def _faces(self, windows: list[Window]) -> list[tuple[np.ndarray, np.ndarray, tuple | None]]:
         """Per window: crops (F, S, S, 3), found (F,), largest face box; new frames detected in one call."""

@@ -195,6 +195,20 @@ def test_overlapping_windows_detect_each_frame_once_and_the_cache_is_bounded(ide
     assert ident.sampled(dense) == list(range(0, 30, 5))
 
 
+def test_sampling_keeps_the_decoders_frames_at_any_frame_rate(identifier):
+    """The decoder keeps the first frame at or after each 0.5 s slot (stream/ingest.py): at 25
+    fps those are 0.48 or 0.52 s apart, and all of a window's six are the model's frames, the
+    same in every window that holds them. Denser frames are thinned on a fixed 0.5 s grid."""
+    frame = np.zeros((64, 64, 3), np.uint8)
+    slots = [round(k * 0.5 + (0.02 if k % 2 else 0.0), 2) for k in range(12)]  # 0.0, 0.52, 1.0, 1.52, ...
+    windows = [_window(k, [t for t in slots if k <= t < k + 3.0], frame) for k in range(3)]
+    assert [identifier.sampled(w) for w in windows] == [list(range(6))] * 3
+    assert [w.frame_times for w in windows][1][:4] == windows[0].frame_times[2:]  # shared frames, all kept
+    dense = _window(0, [round(0.04 * i, 2) for i in range(75)], frame)  # 25 fps: 0.0, 0.04, ...
+    kept = [dense.frame_times[i] for i in identifier.sampled(dense)]
+    assert kept == [0.0, 0.52, 1.0, 1.52, 2.0, 2.52]  # the first frame of each 0.5 s slot
+
+
 def test_face_cache_evicts_least_recently_used():
     cache = FaceCache(2)
     frame = np.zeros((64, 64, 3), np.uint8)
@@ -205,3 +219,48 @@ def test_face_cache_evicts_least_recently_used():
     cache.put(("a", 1.0), frame, entry)
     assert cache.get(("a", 0.5), frame) is None and cache.get(("a", 0.0), frame) is not None and len(cache) == 2
     assert cache.get(("a", 0.0), frame + 1) is None  # same key, another frame (a stream id reused)
+
+
+class Recording:
+    """An identifier that keeps the windows it is given and answers as the one it wraps."""
+
+    def __init__(self, inner: EngineIdentifier):
+        self.inner, self.windows = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def identify(self, windows: list[Window]):
+        self.windows.extend(windows)
+        return self.inner.identify(windows)
+
+
+def test_sparse_engine_serves_the_stream_as_its_pytorch_model(tmp_path, speaker, tiny_runs, redis_server):
+    """The trained sparse model exported (fixed budget, split graphs) and served in the stream
+    by the cached ONNX backend with real tiny.en transcripts (low-level maps per frame and
+    chunk, sparse stages per frame or chunk and transcript, reused across overlapping
+    windows): its events name the speaker, and each window gets the answer that the same
+    engine folder's PyTorch model gives for it."""
+    from engine.cli import main as mmid
+    from stream.speech import load_transcriber
+
+    folder = tmp_path / "engine"
+    assert mmid(["export", "--run", str(tiny_runs["mme2e_sparse"]), "--backend", "onnx", "--out", str(folder)]) == 0
+    cfg = stream_cfg(tmp_path, asr_model="tiny.en", asr_background=False)
+    served = Recording(EngineIdentifier(Engine.load(folder, "onnx", threads=2, feature_cache=256), cfg))
+    cfg = sampling_config(cfg, served)
+    pipeline = make_pipeline([parse_source(str(speaker["clip"]), "file")], cfg, redis_server.url, served,
+                             load_transcriber("tiny.en", "int8"))
+    pipeline.run()
+    events = read_stream(redis_server.url)
+    assert len(events) == len(served.windows) >= 3
+    assert {e["model"]["name"] for e in events} == {"mme2e_sparse"}
+    assert majority(events) == speaker["person"], [e["person"] for e in events]
+    assert sum(bool(e["transcript"]) for e in events) >= 2  # the sparse stages ran under several guides
+    assert served.engine.backend.stats()["visual"]["hits"] > 0  # overlapping windows reused sparse rows
+    reference = EngineIdentifier(Engine.load(folder, "torch", threads=2), cfg).identify(served.windows)
+    for event, want in zip(events, reference):
+        assert event["person"] == want.person
+        assert event["confidence"] == pytest.approx(want.confidence, abs=1e-4)
+        for modality in MODALITIES:
+            assert event["evidence"][modality]["present"] == want.evidence[modality]["present"]
