@@ -163,10 +163,11 @@ class EngineIdentifier:
         """Indices of the window's frames one img_interval apart (the model's sampling): all of
         them when no two are closer than SAMPLED_GAP intervals (the stream's decoder already
         thinned them, stream/ingest.py), else the first frame of each interval slot of stream
-        time (slot k = [k, k + 1) intervals). Either way a frame is kept or dropped whatever
-        window it is in, so overlapping windows share their sampled frames. (Keeping the next
-        frame at least one interval after the last kept one, as before, dropped every other
-        frame of a 25 fps stream: 0.52 s, then 1.0 s is less than an interval after it.)"""
+        time (slot k = [k, k + 1) intervals). Neither rule looks at where the window starts, so
+        overlapping windows of a source share their sampled frames. (Keeping the next frame at
+        least one interval after the last kept one, the rule before, dropped every other frame
+        of a 25 fps stream, whose decoder keeps 0.0, 0.52, 1.0, ..., and let windows starting at
+        different times keep different frames.)"""
         times = np.asarray(window.frame_times, dtype=np.float64)
         gaps = np.diff(times)
         if not self._warned_sparse and gaps.size and np.median(gaps) > 1.5 * self._interval_s:
