@@ -1,6 +1,7 @@
 """Stream benchmark: real-time factor, event latency and concurrent streams on this machine.
 
-    .venv/bin/python benchmarks/stream_bench.py [--seconds 60] [--streams 1 2 3] [--backend onnx] [--write]
+    .venv/bin/python benchmarks/stream_bench.py [--seconds 60] [--streams 1 2 3] [--backend onnx]
+        [--model mme2e|mme2e_sparse] [--write]
 
 The stream: a conversation cut from the synthetic corpus (stream/clips.py, several
 tiny-corpus dialogs one after the other, the speaker's half letterboxed to 640x360,
@@ -72,14 +73,15 @@ def make_clip(seconds: float) -> tuple[Path, float]:
     return clip, json.loads(meta.read_text())["timeline"][-1][1]
 
 
-def make_engine() -> tuple[Path, float]:
-    """The random-weight default-preset engine folder (cached) and the export time (0 if cached)."""
+def make_engine(model: str = "mme2e") -> tuple[Path, float]:
+    """The random-weight default-preset engine folder of ``model`` (cached) and the export time
+    (0 if cached)."""
     from engine.bench import random_engine
 
-    out = CACHE / "engine_default_mme2e"
+    out = CACHE / f"engine_default_{model}"
     t0 = time.perf_counter()
     cached = (out / "engine.json").exists()
-    random_engine("default", "mme2e", out, int8=False)
+    random_engine("default", model, out, int8=False)
     return out, 0.0 if cached else time.perf_counter() - t0
 
 
@@ -174,14 +176,14 @@ def measure(args) -> dict:
     from stream.servers import RedisServer
 
     clip, clip_s = make_clip(args.seconds)
-    engine_dir, export_s = make_engine()
+    engine_dir, export_s = make_engine(args.model)
     base = replace(load_config(), engine={"backend": args.backend, "threads": args.threads},
                    stream={"asr_model": "tiny.en", "metrics_port": 0})
     watch = Stopwatch()
     identifier, transcriber = profiled_parts(engine_dir, base, watch)
     report = {"clip_s": clip_s, "export_s": export_s, "backend": identifier.info.backend,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": args.threads,
-              "face_redetect_s": base.stream.face_redetect_s}
+              "face_redetect_s": base.stream.face_redetect_s, "model": args.model}
     with RedisServer() as redis_server:
         run_streams(1, False, clip, identifier, transcriber, redis_server.url, "warmup", base)  # loads, warms caches
         watch.reset()
@@ -209,7 +211,8 @@ def markdown(r: dict) -> str:
     lines = [
         SECTION, "",
         f"`benchmarks/stream_bench.py` on {r['machine']} (CPU, no GPU); stream: {r['clip_s']:.1f} s conversation "
-        f"cut from the synthetic corpus, 640x360, 25 fps H.264 + AAC, file source; engine: `default` preset MME2E, "
+        f"cut from the synthetic corpus, 640x360, 25 fps H.264 + AAC, file source; engine: `default` preset "
+        f"{'sparse MME2E' if r.get('model') == 'mme2e_sparse' else 'MME2E'}, "
         f"random weights, backend `{r['backend']}` ({r['threads'] or 'all'} threads); real faster-whisper tiny.en "
         f"int8 + VAD; faces on each sampled frame (500 ms), tracked by O-Net with a full MTCNN detection every "
         f"{r.get('face_redetect_s', 4.0):g} s; 3 s windows every 1 s; real Redis on loopback.",
@@ -253,6 +256,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="stream length (whole utterances up to this)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
+    parser.add_argument("--model", default="mme2e", choices=["mme2e", "mme2e_sparse"],
+                        help="the engine's model (random weights, default preset)")
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0 = all cores)")
     parser.add_argument("--write", action="store_true", help="replace the '## Stream' section of BENCHMARKS.md")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
