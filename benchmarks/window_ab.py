@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/window_ab.py [--batch 1] [--steps 200] [--backend onnx-cached-int8] \\
         [--block 1] [--corpus CORPUS] [--set section.key=value ...] [--json] [LABEL=]ENGINE [[LABEL=]ENGINE ...]
 
-`mmid bench` times one engine after another; on a host whose speed moves within
-minutes (BENCHMARKS.md) two engines timed a minute apart are not comparable. Here
+`mmid bench` times each row's steps together, one row after another; on a host
+whose speed moves within minutes (BENCHMARKS.md) two rows timed even seconds apart
+may not be comparable. Here
 every engine takes one window step in turn (the bench's window scope,
 ``engine.bench.window_steps``: its own stream of the same content, its own source
 name and face tracker), the order reversed every other round, so a change of the

@@ -27,7 +27,10 @@ Two scopes, on identical inputs for every backend:
   row is reused by the next, and the simulated stream is long enough that its
   frames and audio never repeat within a measurement.
 
-Batch 1 gives per-window latency p50/p95; batches 8 and 32 give throughput.
+Batch 1 gives per-window latency p50/p95; batches 8 and 32 give throughput. Rows run
+backend by backend; the engines of a backend (dense and sparse) are opened together and
+their rows of one scope and batch run back to back, so that a change of the host's speed
+between the two is seconds, not minutes.
 Peak memory: RSS high-water mark minus RSS before (CPU; Linux clear_refs), or
 torch.cuda.max_memory_allocated (CUDA).
 """
@@ -502,29 +505,36 @@ def run(args: argparse.Namespace, cfg) -> int:
     stream = None
     iterations = {b: args.iters or max(5, 40 // b) for b in batches}  # b8: 5 steps (3 gave medians 30% apart)
     pool_s = Stream.seconds_for(max((iterations[b] + 1) * b + 1 for b in batches)) + 1.0  # nothing repeats in a row
-    for path in engines:
-        info = _folder_info(Path(path))
+    infos = {path: _folder_info(Path(path)) for path in engines}
+    takes = {}  # engine -> the backends it is timed with
+    for path, info in infos.items():
         available = available_backends(info)
-        backends = [b for b in available if not wanted or b in wanted]
-        if not backends:
+        takes[path] = [b for b in available if not wanted or b in wanted]
+        if not takes[path]:
             print(f"[bench] {path}: none of {', '.join(wanted)} is available for it here (available: "
                   f"{', '.join(available)})", file=sys.stderr)
-        for backend in backends:
-            engine = open_engine(Path(path), backend, args.threads, cfg.engine.feature_cache)
-            stream = stream or Stream.make(engine.feature_params, args.corpus, pool_s)
-            for scope in scopes:
-                if scope == "model" and backend.startswith("onnx-cached"):
-                    continue  # repeated calls on one batch would all hit the cache: window scope only
-                for batch in batches:
-                    iters = iterations[batch]
+    for backend in [b.name for b in BENCH_BACKENDS if any(b.name in t for t in takes.values())]:
+        # the engines of a backend open together, their rows of a scope and batch back to back:
+        # the host's speed moves within minutes, so dense and sparse are timed seconds apart
+        opened = [(path, open_engine(Path(path), backend, args.threads, cfg.engine.feature_cache))
+                  for path in engines if backend in takes[path]]
+        stream = stream or Stream.make(opened[0][1].feature_params, args.corpus, pool_s)
+        for scope in scopes:
+            if scope == "model" and backend.startswith("onnx-cached"):
+                continue  # repeated calls on one batch would all hit the cache: window scope only
+            for batch in batches:
+                for path, engine in opened:
+                    info = infos[path]
                     fn = bench_model if scope == "model" else bench_window
                     row = {"model": info["dims"]["name"], "backend": engine.backend_name, "device": engine.backend.device,
                            "scope": scope, "batch": batch,
-                           **fn(engine, stream, batch, iters, cfg.stream.face_redetect_s, cfg.stream.face_track_steps),
+                           **fn(engine, stream, batch, iterations[batch], cfg.stream.face_redetect_s,
+                                cfg.stream.face_track_steps),
                            "gflops_per_window": round(info["flops_per_window"]["gflops"], 2) if "flops_per_window" in info else None,
                            "sparse_budget": info.get("sparse_budget"), "threads": args.threads, "engine": str(path)}
                     rows.append(row)
                     _emit(row, args.json)
+        del opened
     if args.peer:
         for row in peer_rows(stream or Stream.make(_params(), args.corpus, pool_s), args.threads, batches):
             rows.append(row)
