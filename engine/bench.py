@@ -520,7 +520,7 @@ def run(args: argparse.Namespace, cfg) -> int:
                   for path in engines if backend in takes[path]]
         stream = stream or Stream.make(opened[0][1].feature_params, args.corpus, pool_s)
         for scope in scopes:
-            if scope == "model" and backend.startswith("onnx-cached"):
+            if scope == "model" and BY_NAME[backend].cached:
                 continue  # repeated calls on one batch would all hit the cache: window scope only
             for batch in batches:
                 for path, engine in opened:

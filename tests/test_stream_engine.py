@@ -203,7 +203,8 @@ def test_sampling_keeps_the_decoders_frames_at_any_frame_rate(identifier):
     slots = [round(k * 0.5 + (0.02 if k % 2 else 0.0), 2) for k in range(12)]  # 0.0, 0.52, 1.0, 1.52, ...
     windows = [_window(k, [t for t in slots if k <= t < k + 3.0], frame) for k in range(3)]
     assert [identifier.sampled(w) for w in windows] == [list(range(6))] * 3
-    assert [w.frame_times for w in windows][1][:4] == windows[0].frame_times[2:]  # shared frames, all kept
+    kept = [[w.frame_times[i] for i in identifier.sampled(w)] for w in windows]
+    assert kept[1][:4] == kept[0][2:] and kept[2][:4] == kept[1][2:]  # shared frames kept in every window
     dense = _window(0, [round(0.04 * i, 2) for i in range(75)], frame)  # 25 fps: 0.0, 0.04, ...
     kept = [dense.frame_times[i] for i in identifier.sampled(dense)]
     assert kept == [0.0, 0.52, 1.0, 1.52, 2.0, 2.52]  # the first frame of each 0.5 s slot
@@ -256,7 +257,7 @@ def test_sparse_engine_serves_the_stream_as_its_pytorch_model(tmp_path, speaker,
     assert len(events) == len(served.windows) >= 3
     assert {e["model"]["name"] for e in events} == {"mme2e_sparse"}
     assert majority(events) == speaker["person"], [e["person"] for e in events]
-    assert sum(bool(e["transcript"]) for e in events) >= 2  # the sparse stages ran under several guides
+    assert len({e["transcript"] for e in events if e["transcript"]}) >= 2  # the stages ran under several guides
     assert served.engine.backend.stats()["visual"]["hits"] > 0  # overlapping windows reused sparse rows
     reference = EngineIdentifier(Engine.load(folder, "torch", threads=2), cfg).identify(served.windows)
     for event, want in zip(events, reference):
