@@ -186,10 +186,16 @@ def grid_mel_chunks(audio: np.ndarray, offset: int, params: Any = None, cache: C
     whole stream, as training's utterance spectrograms are, and a chunk comes out
     bit-identical in every window that holds it (what the engine's feature cache
     keys on). A 3 s window holds 6 or 7 chunks, at most max_chunks. With a ``cache``, a
-    chunk whose samples were seen before within ``scope`` (a digest of both; the engine
-    passes the window's source) is taken from it instead of being computed again: the
-    same bits, as the chunk is a function of those samples alone."""
+    chunk seen before at the same stream position within ``scope`` (the engine passes the
+    window's source) is taken from it instead of being computed again when its samples
+    are bit-for-bit those it was computed from (a restarted source brings other samples
+    to old positions): the same bits, as the chunk is a function of those samples alone."""
     return grid_mel_chunks_batch([(audio, offset, scope)], params, cache)[0]
+
+
+def _same_samples(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality of two float32 sample arrays (so -0.0 differs from 0.0)."""
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), np.ascontiguousarray(b).view(np.uint32))
 
 
 def grid_mel_chunks_batch(windows: Sequence[tuple[np.ndarray, int, str]], params: Any = None,
@@ -202,24 +208,31 @@ def grid_mel_chunks_batch(windows: Sequence[tuple[np.ndarray, int, str]], params
     p = as_params(params) if params is not None else FeatureParams()
     grid, ctx = p.chunk_frames * p.hop_length, p.n_fft // 2
     per_window: list[list[bytes]] = []
-    samples: dict[bytes, np.ndarray] = {}  # key -> the chunk's samples, in order of first use
+    samples: dict[bytes, np.ndarray] = {}  # key -> the samples of a chunk to compute, in order of first use
     chunks: dict[bytes, torch.Tensor] = {}
+    seen: dict[bytes, np.ndarray] = {}  # key -> the samples its chunk is (or will be) computed from
+    private: set[bytes] = set()  # keys of chunks that go in no cache
     for n, (audio, offset, scope) in enumerate(windows):
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         first = -(-(offset + ctx) // grid) * grid  # first grid start with ctx samples of the window before it
         keys = []
         for start in list(range(first, offset + audio.shape[0] - ctx - grid + 1, grid))[: p.max_chunks]:
             piece = audio[start - ctx - offset: start + grid + ctx - offset]  # (grid + 2 ctx,)
-            # with a cache: a digest of the scope and the samples; without, the window and the start
-            key = (hashlib.blake2b(scope.encode() + b"\0" + piece.tobytes(), digest_size=16).digest()
-                   if cache is not None else f"{n}:{start}".encode())
-            keys.append(key)
-            if key not in chunks and key not in samples:
+            # with a cache: the scope and the stream position, the samples compared in full on a
+            # hit (a memcmp, cheaper than a digest and exact); without, the window and the start
+            key = f"{scope}\0{start}".encode() if cache is not None else f"{n}:{start}".encode()
+            if key in seen:
+                if not _same_samples(seen[key], piece):  # the position again with other samples (a restart)
+                    key = f"{n}:{start}".encode()  # in this batch: a chunk of its own, not cached
+                    private.add(key)
+                    seen[key], samples[key] = piece, piece
+            else:
                 found = cache.get(key) if cache is not None else None
-                if found is None:
-                    samples[key] = piece
+                if found is not None and _same_samples(found[0], piece):
+                    seen[key], chunks[key] = found
                 else:
-                    chunks[key] = found
+                    seen[key], samples[key] = piece, piece
+            keys.append(key)
         per_window.append(keys)
     if samples:
         transform = _mel_transform(p.sample_rate, p.n_fft, p.hop_length, p.n_mels, "cpu", center=False)
@@ -228,8 +241,8 @@ def grid_mel_chunks_batch(windows: Sequence[tuple[np.ndarray, int, str]], params
                             + LOG_EPS)  # (K, n_mels, chunk_frames)
         for key, chunk in zip(samples, new):
             chunks[key] = chunk = chunk.clone()  # its own storage: a cached chunk keeps no batch alive
-            if cache is not None:
-                cache.put(key, chunk)
+            if cache is not None and key not in private:
+                cache.put(key, (samples[key].copy(), chunk))  # the samples, to check a later hit against
     return [torch.stack([chunks[k] for k in keys])[:, None] if keys else torch.zeros(0, 1, p.n_mels, p.chunk_frames)
             for keys in per_window]  # each (C, 1, n_mels, chunk_frames)
 

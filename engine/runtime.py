@@ -37,7 +37,7 @@ log = logging.getLogger("mmid.engine")
 ENGINE_FILE = "engine.json"
 ENGINE_FORMAT_VERSION = 1
 MODALITIES = ("text", "audio", "visual")
-MEL_CHUNK_CACHE = 512  # grid log-mel chunks kept (16 KB each): ~3 min of one stream's audio
+MEL_CHUNK_CACHE = 512  # grid log-mel chunks kept (16 KB each, with their 27 KB of samples): ~3 min of one stream's audio
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class Engine:
         if len(faces) != len(windows):
             raise ValueError(f"find_faces gave {len(faces)} windows' faces for {len(windows)} windows")
         crops = [check_crops(i, f[0], self.feature_params.face_size) for i, f in enumerate(faces)]
-        with one_torch_thread():
+        with self._host_threads():
             tensors, mask = face_batch(crops, [f[1] for f in faces], self.feature_params)
         batch = dataclasses.replace(batch, faces=tensors, face_mask=mask)
         out = self.backend.run(batch) if prefetched is None else self.backend.run(batch, prefetched)
@@ -180,9 +180,15 @@ class Engine:
         """Raw windows (as ``identify_raw``) -> one Batch (``ids`` = ``sources``); the log-mels
         of the windows without an offset in one call on the backend's device. Torch runs on
         one CPU thread meanwhile: these operations are too small to share, and a second
-        thread doubled their CPU time (measured) while the face thread needs the core."""
-        with one_torch_thread():
+        thread doubled their CPU time (measured) while the face thread needs the core. With
+        the model on a GPU the CPU has nothing else to do: torch keeps its thread count."""
+        with self._host_threads():
             return self._collate_raw(windows, sources)
+
+    def _host_threads(self):
+        """The context the engine's host-side preparation runs in: one torch thread where
+        the model computes on the CPU (``one_torch_thread``), torch's count where it does not."""
+        return one_torch_thread() if self.backend.device == "cpu" else contextlib.nullcontext()
 
     def _collate_raw(self, windows: Sequence[tuple], sources: Sequence[str] | None = None) -> Batch:
         size = self.feature_params.face_size

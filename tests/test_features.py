@@ -246,3 +246,31 @@ def test_grid_chunks_of_a_batch_of_windows_are_those_of_each_window():
     again = grid_mel_chunks_batch(windows, cache=cache)  # all from the cache now
     assert len(puts) == 22 and all(torch.equal(a, b) for a, b in zip(again, together))
     assert grid_mel_chunks_batch([(streams["cam1"][:6000], 0, "cam1")], cache=cache)[0].shape == (0, 1, 128, 32)
+
+
+def test_grid_chunks_of_a_restarted_source_are_computed_from_its_new_samples():
+    """The cache holds a chunk by source and stream position and serves it only for the
+    samples it was computed from: a source restarted at offset 0 brings other samples to
+    old positions, whose chunks are computed again (between calls and within one batch)."""
+    from engine.backends.feature_cache import FeatureCache
+    from engine.features import grid_mel_chunks, grid_mel_chunks_batch
+
+    before, after = _noise(4.0), _noise(4.0) * -0.7
+    cache = FeatureCache(64)
+    first = grid_mel_chunks_batch([(before[:48000], 0, "cam1")], cache=cache)[0]
+    again = grid_mel_chunks_batch([(after[:48000], 0, "cam1")], cache=cache)[0]
+    assert torch.equal(again, grid_mel_chunks(after[:48000], 0)) and not torch.equal(again, first)
+    both = grid_mel_chunks_batch([(before[:48000], 0, "cam2"), (after[:48000], 0, "cam2"), (before[:48000], 0, "cam2")],
+                                 cache=cache)
+    assert torch.equal(both[0], first) and torch.equal(both[1], again) and torch.equal(both[2], first)
+    # a sample whose bits alone differ (-0.0 for 0.0) is another input
+    zero = before[:48000].copy()
+    zero[20000] = 0.0
+    signed = zero.copy()
+    signed[20000] = -0.0
+    grid_mel_chunks_batch([(zero, 0, "cam3")], cache=cache)
+    puts = []
+    put = cache.put
+    cache.put = lambda key, value: (puts.append(key), put(key, value))
+    assert torch.equal(grid_mel_chunks_batch([(signed, 0, "cam3")], cache=cache)[0], grid_mel_chunks(signed, 0))
+    assert len(puts) == 1  # the one chunk (with its context) that holds sample 20000 was computed again
