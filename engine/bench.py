@@ -558,15 +558,22 @@ def _speed(row: dict) -> float:
 def comparisons(rows: list[dict]) -> list[str]:
     """Markdown lines comparing the rows of one run: each engine row against the original
     workload's row of the same scope and batch (when --peer timed it), and each sparse row
-    against the dense row of the same backend, scope and batch: how many times faster, on
+    against the dense row of the same backend, scope and batch (with several dense engines,
+    the last one timed before it, else the first after it): how many times faster, on
     latency (p50) at batch 1 and on windows/s at larger batches. [] when nothing compares."""
     peer = {(r["scope"], r["batch"]): r for r in rows if r["model"] == PEER}
-    dense = {(r["backend"], r["scope"], r["batch"]): r for r in rows if r["model"] == "mme2e"}
+    dense: dict[tuple, dict] = {}
+    for r in reversed(rows):  # the first dense row of each key, for a sparse row timed before any
+        if r["model"] == "mme2e":
+            dense[(r["backend"], r["scope"], r["batch"])] = r
     out = []
     for r in rows:
         if r["model"] == PEER:
             continue
-        p, d = peer.get((r["scope"], r["batch"])), dense.get((r["backend"], r["scope"], r["batch"]))
+        key = (r["backend"], r["scope"], r["batch"])
+        if r["model"] == "mme2e":
+            dense[key] = r  # the latest dense row so far
+        p, d = peer.get((r["scope"], r["batch"])), dense.get(key)
         vs_peer = f"{_speed(r) / _speed(p):.1f}x" if p else ""
         vs_dense = f"{_speed(r) / _speed(d):.2f}x" if d is not None and r["model"] != "mme2e" else ""
         if vs_peer or vs_dense:

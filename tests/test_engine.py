@@ -700,6 +700,12 @@ def test_bench_compares_each_row_with_the_original_workload_and_the_dense_engine
                           "| mme2e_sparse | onnx-cached-int8 | window | 1 | 7.5x | 0.75x |",
                           "| mme2e_sparse | onnx-cached-int8 | window | 8 | 11.0x | 1.10x |"]
     assert comparisons([rows[0]]) == []
+    # two dense engines (e.g. --engine dense1 sparse1 dense2 sparse2): each sparse row is
+    # compared with the dense row timed just before it; a sparse row timed first, with the first
+    two = [row("mme2e_sparse", cached, "window", 1, 20.0, 50.0), row("mme2e", cached, "window", 1, 40.0, 25.0),
+           row("mme2e_sparse", cached, "window", 1, 20.0, 50.0), row("mme2e", cached, "window", 1, 10.0, 100.0),
+           row("mme2e_sparse", cached, "window", 1, 20.0, 50.0)]
+    assert [line.split("|")[-2].strip() for line in comparisons(two)[4:] if "sparse" in line] == ["2.00x", "2.00x", "0.50x"]
 
 
 def test_bench_stream_transcripts_follow_the_stream_rule():
