@@ -124,3 +124,18 @@ def test_batched_face_detector_on_cuda_matches_cpu():
     assert torch.equal(torch.isnan(cpu), torch.isnan(gpu)) and torch.isnan(cpu[-1]).all()
     assert torch.isfinite(cpu[:-1]).all()
     assert (cpu[:-1] - gpu[:-1]).abs().max() < 1.0
+
+
+def test_cuda_graphs_share_a_capture_within_a_bucket():
+    """Shapes that pad to the same bucket sizes replay one graph; the answers keep each
+    batch's own rows."""
+    model = _model("mme2e")
+    cpu = TorchBackend(copy.deepcopy(model), device="cpu")
+    graphs = TorchBackend(copy.deepcopy(model), device="cuda", cuda_graphs=True, half=True)
+    for seed, shape in enumerate([(7, 5, 7, 13), (8, 6, 8, 16), (5, 6, 7, 15)]):  # all pad to (8, 6, 8, 16)
+        batch = _batch(*shape, seed=seed)
+        ref, half = cpu.run(batch), graphs.run(batch)
+        assert half["logits"].shape == ref["logits"].shape
+        torch.testing.assert_close(half["logits"], ref["logits"], atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(half["embedding"], ref["embedding"], atol=5e-2, rtol=5e-2)
+    assert len(graphs._graphs) == 1

@@ -110,6 +110,23 @@ def test_backend_matches_pytorch(engines, name, backend):
 
 
 @pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+def test_inputs_padded_to_bucket_sizes_give_the_same_answers(engines, name):
+    """The CUDA-graphs backend pads batches to bucket sizes (so that a live stream's shapes
+    need few captures): masked frames, chunks and tokens and copied rows change no
+    window's answer. Checked on the CPU with the padding alone (``pad_shapes``)."""
+    from engine.backends.torch_backend import TorchBackend, bucket_size, pad_to_buckets
+
+    assert [bucket_size(n) for n in (1, 2, 3, 5, 7, 9, 13, 17, 100)] == [1, 2, 3, 6, 8, 12, 16, 24, 128]
+    model, _ = engines[name]
+    padded = TorchBackend(model, pad_shapes=True)
+    for i, shape in enumerate([(5, 5, 7, 9), (1, 3, 7, 13), (3, 7, 5, 17)]):  # no size a bucket size in some dim
+        batch = random_batch(model.dims, *shape, seed=20 + i)
+        grown = pad_to_buckets(list(batch.model_inputs()))
+        assert [tuple(t.shape[:2]) for t in grown[::2]] == [(bucket_size(shape[0]), bucket_size(n)) for n in shape[1:]]
+        _assert_close(padded.run(batch), _reference(model, batch))
+
+
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
 def test_cached_backend_matches_pytorch(engines, name):
     """Engine with its CNN and text outputs cached: same outputs as the model, on first
     sight (misses) and on the second call with the same inputs (every real frame, chunk
