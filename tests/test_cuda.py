@@ -132,7 +132,7 @@ def test_cuda_graphs_share_a_capture_within_a_bucket():
     model = _model("mme2e")
     cpu = TorchBackend(copy.deepcopy(model), device="cpu")
     graphs = TorchBackend(copy.deepcopy(model), device="cuda", cuda_graphs=True, half=True)
-    for seed, shape in enumerate([(7, 5, 7, 13), (8, 6, 8, 16), (5, 6, 7, 15)]):  # all pad to (8, 6, 8, 16)
+    for seed, shape in enumerate([(7, 5, 7, 13), (8, 6, 8, 16), (7, 6, 7, 15)]):  # all pad to (8, 6, 8, 16)
         batch = _batch(*shape, seed=seed)
         ref, half = cpu.run(batch), graphs.run(batch)
         assert half["logits"].shape == ref["logits"].shape
