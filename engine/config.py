@@ -109,6 +109,7 @@ class EngineConfig:
     fp16: bool = True
     feature_cache: int = 1024
     int8: bool = False
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,8 @@ class EngineIdentifier:
     def from_path(cls, path: str | Path, cfg: Config) -> "EngineIdentifier":
         """Load an engine folder (``mmid export``) or a run folder with [engine] backend and threads."""
         engine = Engine.load(path, backend=cfg.engine.backend, threads=cfg.engine.threads,
-                             feature_cache=cfg.engine.feature_cache, int8=cfg.engine.int8)
+                             feature_cache=cfg.engine.feature_cache, int8=cfg.engine.int8,
+                             cuda_graphs=cfg.engine.cuda_graphs, half=cfg.engine.cuda_graphs and cfg.engine.fp16)
         identifier = cls(engine, cfg, model_info(engine, path))
         identifier.warm_up()
         return identifier

@@ -139,3 +139,27 @@ def test_cuda_graphs_share_a_capture_within_a_bucket():
         torch.testing.assert_close(half["logits"], ref["logits"], atol=5e-2, rtol=5e-2)
         torch.testing.assert_close(half["embedding"], ref["embedding"], atol=5e-2, rtol=5e-2)
     assert len(graphs._graphs) == 1
+
+
+def test_stream_engine_with_cuda_graphs_gives_the_cpu_answers():
+    """``[engine] cuda_graphs = true`` on a GPU: the stream's engine (the shipped one) is served
+    by the CUDA-graphs backend (fp16 with ``fp16``) and gives the ONNX engine's probabilities
+    on the CPU (to fp16's tolerance), on raw windows of several shapes."""
+    import numpy as np
+
+    from engine.config import load_config, replace
+    from engine.runtime import Engine
+    from stream.demo import SHIPPED_ENGINE
+    from stream.engine_identifier import EngineIdentifier
+
+    gpu = EngineIdentifier.from_path(SHIPPED_ENGINE, replace(load_config(), engine={"cuda_graphs": True})).engine
+    assert gpu.backend_name == "torch-graphs-fp16"
+    cpu = Engine.load(SHIPPED_ENGINE, backend="onnx")
+    rng = np.random.default_rng(0)
+    size, words = gpu.feature_params.face_size, "so what did you think about the plan we made".split()
+    for frames, seconds, n_words in [(6, 3.0, 9), (4, 2.0, 3), (6, 3.0, 0), (5, 2.5, 7)]:
+        windows = [(rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8), np.ones(frames, bool),
+                    (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), " ".join(words[:n_words]))
+                   for _ in range(3)]
+        for g, c in zip(gpu.identify_raw(windows), cpu.identify_raw(windows)):
+            np.testing.assert_allclose(g.probabilities, c.probabilities, atol=5e-2)

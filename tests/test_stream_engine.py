@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import torch
 
 from engine.runtime import Engine
 from stream.clips import conversation_clip, single_speaker_clip
@@ -173,6 +174,21 @@ def test_load_identifier_takes_a_run_folder_and_sets_frame_sampling(tiny_runs, t
     assert isinstance(ident, EngineIdentifier) and ident.info.backend == "torch"
     other = sampling_config(stream_cfg(tmp_path, window_s=3.0), ident)
     assert other.prepare.img_interval_ms == ident.engine.feature_params.img_interval_ms
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU host's answer to [engine] cuda_graphs")
+def test_cuda_graphs_setting_reaches_the_engine(tiny_runs, tmp_path):
+    """``[engine] cuda_graphs`` is handed to the engine: the torch backend on a CPU refuses it
+    with a clear error; the ONNX backend that "auto" picks on a CPU host is not affected.
+    (On a GPU the graphs backend is checked against the CPU in tests/test_cuda.py.)"""
+    from engine.config import replace
+    from stream.demo import SHIPPED_ENGINE
+
+    cfg = replace(stream_cfg(tmp_path), engine={"backend": "torch", "cuda_graphs": True})
+    with pytest.raises(ValueError, match="need device 'cuda'"):
+        load_identifier(str(tiny_runs["mme2e"]), cfg)
+    served = load_identifier(str(SHIPPED_ENGINE), replace(stream_cfg(tmp_path), engine={"cuda_graphs": True}))
+    assert served.info.backend.startswith("onnx")
 
 
 def _window(seq: int, times: list[float], frame: np.ndarray, stream_id: str = "s") -> Window:
