@@ -25,6 +25,11 @@ FACE_SIZE = 48  # pixels, side of the square crop (the paper's 48x48)
 FACE_MARGIN = 2  # pixels of margin in the final crop (facenet-pytorch convention)
 DETECT_BATCH = 64  # frames per detector call when frames share a size ...
 DETECT_PIXELS = 8_000_000  # ... and at most this many pixels (bounds the integral images' memory)
+# On a CUDA GPU larger calls: the batched cascade's per-call cost is mostly fixed (H200, 224x224
+# frames: 26.6 ms for 64 frames, 61 ms for 256), and its memory (the integral images, 12 bytes a
+# pixel, and P-Net's first maps) is no concern at these sizes.
+DETECT_BATCH_CUDA = 256
+DETECT_PIXELS_CUDA = 16_000_000
 
 
 def crop_region(box: np.ndarray, h: int, w: int, size: int = FACE_SIZE, margin: int = FACE_MARGIN
@@ -47,11 +52,14 @@ def centre_region(h: int, w: int) -> tuple[int, int, int, int]:
     return top, top + s, left, left + s
 
 
-def _groups(frames: list[np.ndarray]) -> list[tuple[int, int]]:
-    """[start, stop) runs of same-sized frames, each within the batch and pixel limits."""
+def _groups(frames: list[np.ndarray], device: str = "cpu") -> list[tuple[int, int]]:
+    """[start, stop) runs of same-sized frames, each within the batch and pixel limits of
+    ``device`` (larger on a CUDA GPU)."""
+    cuda = str(device).startswith("cuda")
+    batch, pixels = (DETECT_BATCH_CUDA, DETECT_PIXELS_CUDA) if cuda else (DETECT_BATCH, DETECT_PIXELS)
     runs, i = [], 0
     while i < len(frames):
-        most = max(1, min(DETECT_BATCH, DETECT_PIXELS // (frames[i].shape[0] * frames[i].shape[1])))
+        most = max(1, min(batch, pixels // (frames[i].shape[0] * frames[i].shape[1])))
         j = i + 1
         while j < len(frames) and j - i < most and frames[j].shape == frames[i].shape:
             j += 1
@@ -72,7 +80,7 @@ def crop_faces(
     crops = np.zeros((len(frames), size, size, 3), dtype=np.uint8)
     boxes = np.full((len(frames), 4), np.nan, dtype=np.float32)
     detector = load_detector(str(device), threads)
-    for i, j in _groups(frames):
+    for i, j in _groups(frames, str(detector.device)):
         x = torch.from_numpy(np.stack(frames[i:j])).to(detector.device)  # (n, H, W, 3)
         table = integral_image(x)  # (n, 3, H+1, W+1)
         boxes[i:j] = detector.largest_boxes(x, table, min_face).numpy()  # (n, 4)

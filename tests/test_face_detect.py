@@ -159,3 +159,18 @@ def test_prelu_rewrite_keeps_the_networks_outputs():
             want = net(x)
         for a, b in zip(OrtNet(net, size, threads=1)(x), want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_detector_calls_group_frames_by_size_within_the_device_limits():
+    """crop_faces sends same-sized frames to the detector in runs bounded by frame count and
+    pixels, larger on a CUDA GPU (where a call's cost is mostly fixed)."""
+    from engine.faces import DETECT_BATCH, DETECT_BATCH_CUDA, DETECT_PIXELS_CUDA, _groups
+
+    small = [np.zeros((224, 224, 3), np.uint8)] * 300
+    assert _groups(small) == [(0, DETECT_BATCH), (64, 128), (128, 192), (192, 256), (256, 300)]
+    assert _groups(small, "cuda") == [(0, DETECT_BATCH_CUDA), (256, 300)]
+    hd = [np.zeros((720, 1280, 3), np.uint8)] * 40
+    per_call = DETECT_PIXELS_CUDA // (720 * 1280)
+    assert [j - i for i, j in _groups(hd, "cuda:0")] == [per_call, per_call, 40 - 2 * per_call]
+    mixed = small[:3] + hd[:2] + small[:1]
+    assert _groups(mixed, "cuda") == [(0, 3), (3, 5), (5, 6)]
