@@ -52,7 +52,7 @@ def centre_region(h: int, w: int) -> tuple[int, int, int, int]:
     return top, top + s, left, left + s
 
 
-def _groups(frames: list[np.ndarray], device: str = "cpu") -> list[tuple[int, int]]:
+def _groups(frames: list[np.ndarray], device: str | torch.device = "cpu") -> list[tuple[int, int]]:
     """[start, stop) runs of same-sized frames, each within the batch and pixel limits of
     ``device`` (larger on a CUDA GPU)."""
     cuda = str(device).startswith("cuda")
@@ -80,7 +80,7 @@ def crop_faces(
     crops = np.zeros((len(frames), size, size, 3), dtype=np.uint8)
     boxes = np.full((len(frames), 4), np.nan, dtype=np.float32)
     detector = load_detector(str(device), threads)
-    for i, j in _groups(frames, str(detector.device)):
+    for i, j in _groups(frames, detector.device):
         x = torch.from_numpy(np.stack(frames[i:j])).to(detector.device)  # (n, H, W, 3)
         table = integral_image(x)  # (n, 3, H+1, W+1)
         boxes[i:j] = detector.largest_boxes(x, table, min_face).numpy()  # (n, 4)

@@ -165,7 +165,8 @@ def mel_chunks(audio: np.ndarray | torch.Tensor, params: Any = None) -> torch.Te
 
 
 class ChunkCache(Protocol):
-    """Where ``grid_mel_chunks`` may keep chunks between windows (an LRU map)."""
+    """Where ``grid_mel_chunks`` may keep chunks between windows (an LRU map): key (scope and
+    grid position) -> (the samples the chunk was computed from, the chunk)."""
 
     def get(self, key: bytes) -> Any: ...
 
