@@ -1,7 +1,8 @@
 """Whole-window A/B of engine folders, interleaved in one process.
 
     .venv/bin/python benchmarks/window_ab.py [--batch 1] [--steps 200] [--backend onnx-cached-int8] \\
-        [--block 1] [--corpus CORPUS] [--set section.key=value ...] [--json] [LABEL=]ENGINE [[LABEL=]ENGINE ...]
+        [--block 1] [--corpus CORPUS] [--set section.key=value ...] [--json] [--graphs] \\
+        [LABEL=]ENGINE [[LABEL=]ENGINE ...]
 
 `mmid bench` times each row's steps together, one row after another; on a host
 whose speed moves within minutes (BENCHMARKS.md) two rows timed even seconds apart
@@ -17,7 +18,9 @@ step and windows/s, and, for the cached ONNX backend, the same for the steps who
 windows brought a transcript not seen before (the text encoder ran) and for the
 others: the split that shows what a text-guided sparse model pays when a
 transcript changes (it reruns its sparse stages for every frame and chunk of the
-window).
+window). ``--graphs``: also, per engine, the time of each of the cached backend's
+graphs per step (calls per step, items per call), which shows where two engines'
+steps differ.
 """
 
 from __future__ import annotations
@@ -44,6 +47,37 @@ def text_misses(engine) -> int | None:
     return stats()["text"]["misses"] if stats is not None else None
 
 
+class TimedSession:
+    """An ONNX Runtime session whose ``run`` calls add their time and item count (the first
+    feed's leading dimension) to ``totals[name]`` = [seconds, calls, items]."""
+
+    def __init__(self, name: str, session, totals: dict[str, list]):
+        self.name, self.session, self.totals = name, session, totals
+
+    def run(self, outputs, feeds):
+        start = time.perf_counter()
+        result = self.session.run(outputs, feeds)
+        total = self.totals.setdefault(self.name, [0.0, 0, 0])
+        total[0] += time.perf_counter() - start
+        total[1] += 1
+        total[2] += len(next(iter(feeds.values())))
+        return result
+
+    def __getattr__(self, attr: str):
+        return getattr(self.session, attr)
+
+
+def time_graphs(engine) -> dict[str, list] | None:
+    """Wrap the cached backend's graph sessions in ``TimedSession``s -> their totals (None for
+    another backend)."""
+    sessions = getattr(engine.backend, "sessions", None)
+    if not isinstance(sessions, dict):
+        return None
+    totals: dict[str, list] = {}
+    engine.backend.sessions = {k: TimedSession(k, v, totals) for k, v in sessions.items()}
+    return totals
+
+
 def summary(times_ms: list[float], batch: int) -> dict:
     """``engine.bench.summarise`` (p50, p95, windows/s) plus the step count and mean."""
     if not times_ms:
@@ -64,6 +98,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override, as for mmid (e.g. stream.face_track_steps=1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--graphs", action="store_true", help="also each graph's time per step (cached backends)")
     args = parser.parse_args()
     cfg = load_config(overrides=args.set)
     torch.set_num_threads(args.threads)
@@ -78,6 +113,7 @@ def main() -> int:
         runs.append({"label": label or folder, "engine": engine, "step": step, "times": [], "new_text": []})
     for run in runs:
         run["step"]()  # warm-up
+        run["graphs"] = time_graphs(run["engine"]) if args.graphs else None
     block = max(1, args.block)
     for turn in range(-(-args.steps // block)):
         for run in runs if turn % 2 == 0 else runs[::-1]:
@@ -101,6 +137,15 @@ def main() -> int:
             elif row["steps"]:
                 print(f"{row['engine']:>24s} b{args.batch} {steps:>15s} n={row['steps']:4d}  p50 {row['p50_ms']:8.2f}  "
                       f"mean {row['mean_ms']:8.2f}  p95 {row['p95_ms']:8.2f} ms  {row['windows_per_s']:7.2f} windows/s")
+        for graph, (seconds, calls, items) in sorted((run["graphs"] or {}).items()):
+            row = {"engine": run["label"], "batch": args.batch, "graph": graph,
+                   "ms_per_step": round(seconds * 1000.0 / args.steps, 2), "calls_per_step": round(calls / args.steps, 2),
+                   "items_per_call": round(items / max(calls, 1), 2)}
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(f"{row['engine']:>24s} b{args.batch} {graph:>15s} {row['ms_per_step']:8.2f} ms a step  "
+                      f"{row['calls_per_step']:5.2f} calls a step  {row['items_per_call']:6.2f} items a call")
     return 0
 
 
