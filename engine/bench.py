@@ -94,8 +94,10 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
 
     if (out / "engine.json").exists():
         info = json.loads((out / "engine.json").read_text())
-        # engines from before the split graphs (sparse: before its split), dense ones without int8 CNNs: rebuild
-        if info.get("split_format") == split_format(name) and (name != "mme2e" or info.get("split_int8_graphs") or not int8):
+        # engines from before the split graphs (sparse: before its split), dense ones without int8 CNNs,
+        # sparse ones from before the uint8 hand-over between their int8 graphs: rebuild
+        if info.get("split_format") == split_format(name) and (not int8 or (
+                info.get("split_int8_graphs") if name == "mme2e" else info.get("int8_handover"))):
             return out
     torch.manual_seed(seed)
     dims = preset_dims(preset, name, n_persons)

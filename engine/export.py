@@ -239,6 +239,7 @@ def export_int8(out: Path, model: torch.nn.Module, split: dict | None, data: Int
     """Write the int8 graphs and compare them with the fp32 graph on ``data.check``."""
     from engine.backends.feature_cache import CachedOnnxBackend
     from engine.backends.onnx_backend import OnnxBackend
+    from engine.handover import hand_over_split_int8
     from engine.quantize import (calibration_items, compare, fused_logits, quantize_dynamic_int8, write_sparse_split_int8,
                                  write_split_int8)
 
@@ -252,6 +253,7 @@ def export_int8(out: Path, model: torch.nn.Module, split: dict | None, data: Int
             info["split_int8_graphs"] = write_split_int8(out, *calibration_items(data.calibration))
         else:
             info["split_int8_graphs"] = write_sparse_split_int8(out, data.calibration)
+            info["int8_handover"] = hand_over_split_int8(out, info["split_int8_graphs"])
         cached = CachedOnnxBackend(out, info["split_int8_graphs"], capacity=1,  # capacity 1: no reuse across windows
                                    learned_guide=model.dims.sparse_guide == "learned")
         check["cached"] = compare(fp32, fused_logits(cached, data.check), data.labels)

@@ -13,7 +13,8 @@ Two kinds, by what runs fastest on the CPU (measured, BENCHMARKS.md):
   uint8 activations whose ranges come from calibration inputs), served with
   ``head.onnx`` in fp32 by the cached backend; sparse model, the same for its
   low-level graphs and its sparse-stage graphs (their gathered convolutions and
-  pooling; the attention's elementwise work stays fp32). Static int8 halves the
+  pooling; the attention's elementwise work stays fp32), which the export then
+  makes exchange the maps as uint8 (``engine.handover``). Static int8 halves the
   CNNs' time here.
 
 Calibration inputs are real model inputs: with ``--data``, face frames and audio

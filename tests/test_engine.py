@@ -437,6 +437,60 @@ def test_int8_cnn_graphs_serve_through_the_cache(engines, name):
             Engine.load(folder, "onnx", int8=True, feature_cache=64)
 
 
+def test_sparse_int8_graphs_hand_over_uint8(engines, tmp_path):
+    """The sparse model's int8 low-level graphs return their map and keys as uint8 and the
+    sparse-stage graphs take them so: the low-level outputs are exactly the former float32
+    ones once dequantised with the recorded grid, and the stage graph's answers match the
+    former pair's (its rows reach their convolution dequantised from the map's own grid
+    instead of requantised on a grid of their own)."""
+    import onnxruntime as ort
+
+    from engine.backends.feature_cache import LOW_OUTPUTS, SPARSE_SPLIT_GRAPHS
+    from engine.handover import hand_over_uint8
+    from engine.quantize import SPARSE_STAGE_INT8_OPS, attention_scores, quantize_static_int8
+
+    model, folder = engines["mme2e_sparse"]
+    info = json.loads((folder / "engine.json").read_text())
+    assert set(info["int8_handover"]) == {"visual", "audio"}
+    for modality in ("visual", "audio"):
+        assert info["int8_handover"][modality]["low"]["requantised"]  # the map's rows gathered as uint8
+        low = ort.InferenceSession(str(folder / info["split_int8_graphs"][f"{modality}_low"]))
+        stage = ort.InferenceSession(str(folder / info["split_int8_graphs"][modality]))
+        assert [o.type for o in low.get_outputs()] == ["tensor(uint8)"] * 2
+        assert {i.name: i.type for i in stage.get_inputs()}.keys() >= set(LOW_OUTPUTS)
+        assert all(i.type == "tensor(uint8)" for i in stage.get_inputs() if i.name in LOW_OUTPUTS)
+
+    # the same rewrite on freshly quantised copies, against the graphs as quantised
+    rng = np.random.default_rng(0)
+    batch = random_batch(model.dims, 4, 6, 8, 14, seed=5)
+    items = {"visual": batch.faces[batch.face_mask].numpy(), "audio": batch.audio[batch.audio_mask].numpy()}
+    for modality, x in items.items():
+        low_src, stage_src = folder / SPARSE_SPLIT_GRAPHS[f"{modality}_low"], folder / SPARSE_SPLIT_GRAPHS[modality]
+        fp32_low = ort.InferenceSession(str(low_src))
+        maps = dict(zip(LOW_OUTPUTS, fp32_low.run(None, {fp32_low.get_inputs()[0].name: x})))
+        guide = {"text_cls": rng.standard_normal((len(x), model.dims.text_hidden)).astype(np.float32),
+                 "text_present": np.ones(len(x), bool)}
+        before = {k: tmp_path / f"{modality}_{k}_before.onnx" for k in ("low", "stage")}
+        quantize_static_int8(low_src, before["low"], x)
+        quantize_static_int8(stage_src, before["stage"], [{**maps, **guide}], symbolic_shapes=False,
+                             op_types=SPARSE_STAGE_INT8_OPS, exclude=attention_scores(stage_src))
+        after = {k: tmp_path / f"{modality}_{k}_after.onnx" for k in ("low", "stage")}
+        for k in before:
+            shutil.copy(before[k], after[k])
+        grids = hand_over_uint8(after["low"], after["stage"], LOW_OUTPUTS)
+        assert set(grids) == set(LOW_OUTPUTS) and grids["low"]["requantised"] and not grids["keys"]["requantised"]
+        run = {k: {g: ort.InferenceSession(str(p[g])) for g in p} for k, p in (("before", before), ("after", after))}
+        old = run["before"]["low"].run(None, {run["before"]["low"].get_inputs()[0].name: x})
+        new = run["after"]["low"].run(None, {run["after"]["low"].get_inputs()[0].name: x})
+        for name, a, b in zip(LOW_OUTPUTS, old, new):
+            assert b.dtype == np.uint8
+            grid = grids[name]
+            np.testing.assert_array_equal((b.astype(np.float32) - grid["zero_point"]) * np.float32(grid["scale"]), a)
+        want = run["before"]["stage"].run(None, {**dict(zip(LOW_OUTPUTS, old)), **guide})[0]
+        got = run["after"]["stage"].run(None, {**dict(zip(LOW_OUTPUTS, new)), **guide})[0]
+        np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max(), rtol=0)
+
+
 def test_fold_weight_transposes_keeps_outputs_and_shares_the_fold():
     """Two MatMuls on Transposes of one initializer (ALBERT's shared layers as exported):
     folded into one transposed initializer, same output, and dynamic int8 then quantises both."""

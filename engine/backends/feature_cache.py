@@ -68,7 +68,8 @@ SPLIT_GRAPHS = {"visual": "visual_cnn.onnx", "audio": "audio_cnn.onnx", "text": 
 # the sparse model: low-level maps per frame/chunk, then the sparse stages per (frame/chunk, guide)
 SPARSE_SPLIT_GRAPHS = {"visual_low": "visual_low.onnx", "audio_low": "audio_low.onnx", "visual": "visual_sparse.onnx",
                        "audio": "audio_sparse.onnx", "text": "text.onnx", "head": "head.onnx"}
-# low-level maps and keys kept per modality (paper sizes: 2 x 144 KB per face, 2 x 256 KB per audio chunk);
+# low-level maps and keys kept per modality (paper sizes in float32: 2 x 144 KB per face, 2 x 256 KB per audio
+# chunk; a quarter of that as the int8 graphs hand them over, in uint8: engine/handover.py);
 # overlapping windows of a stream reuse a map for about 3 s (~2.5 chunks and 2 frames per s); kept as
 # views of the low-level graph's outputs (BlockCache), which can hold up to 4x the rows' own memory
 LOW_MAP_ROWS = 128
@@ -220,7 +221,7 @@ class FeatureCache:
 
 class BlockCache(FeatureCache):
     """A FeatureCache whose rows are views of the arrays one graph call returned (a block:
-    ``put_block``), not copies of them: the sparse model's low-level maps and keys (144-256
+    ``put_block``), not copies of them: the sparse model's low-level maps and keys (36-256
     KB a row), which a copy per row costs ~0.1 ms each to make here.
     A block stays alive while any of its rows is cached; when evictions leave one with a
     quarter of its rows or fewer, those are copied out and the block is let go, so the
