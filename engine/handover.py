@@ -42,7 +42,7 @@ def hand_over_uint8(low_path: str | Path, stage_path: str | Path, names: Sequenc
     from onnx import TensorProto, helper, numpy_helper
 
     low, stage = onnx.load(str(low_path)), onnx.load(str(stage_path))
-    grids = {}  # name -> (uint8 tensor, scale initializer, zero-point initializer) in the low-level graph
+    grids = {}  # output name -> the low-level graph's DequantizeLinear that makes it (uint8 in, scale, zero point)
     inits = {i.name: i for i in low.graph.initializer}
     for name in names:
         node = _producer(low.graph, name)
