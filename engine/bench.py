@@ -28,11 +28,12 @@ Two scopes, on identical inputs for every backend:
   frames and audio never repeat within a measurement.
 
 Batch 1 gives per-window latency p50/p95; batches 8 and 32 give throughput. Rows run
-backend by backend; the engines of a backend (dense and sparse) are opened together and
-their rows of one scope and batch run back to back, so that a change of the host's speed
-between the two is seconds, not minutes.
+backend by backend; the engines of a backend (dense and sparse) are opened together, their
+window steps of one batch size interleaved (one step of each in turn, ``bench_windows``) and
+their model rows run back to back, so that a change of the host's speed falls on both alike.
 Peak memory: RSS high-water mark minus RSS before (CPU; Linux clear_refs), or
-torch.cuda.max_memory_allocated (CUDA).
+torch.cuda.max_memory_allocated (CUDA); for interleaved window steps, what each engine's own
+steps added (``bench_windows``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -323,7 +325,9 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else _rss_kib("VmHWM:") * 1024
+        end = torch.cuda.memory_allocated() if self.device == "cuda" else _rss_kib("VmRSS:") * 1024
         self.mib = max(0.0, (peak - self.base) / 2**20)
+        self.kept_mib = (end - self.base) / 2**20  # what the block left allocated (negative: it freed some)
 
 
 def _sync(device: str) -> None:
@@ -398,6 +402,32 @@ def window_steps(engine, stream: Stream, batch: int, redetect_s: float = REDETEC
                                    [source] * batch)
 
     return step
+
+
+def bench_windows(engines: Sequence, stream: Stream, batch: int, iters: int, redetect_s: float = REDETECT_S,
+                  steps: int = STEPS) -> list[dict]:
+    """Whole windows of several engines timed together: one step of each in turn, the order
+    reversed every other round, so that a change of the host's speed (it moves within minutes
+    on our CPU machines) falls on all of them alike (``bench_window`` for one engine). Each
+    engine has its own stream source, face tracker and cache, as in ``bench_window``.
+    ``peak_mib``: per engine, the memory its own steps left allocated before a step (its
+    feature cache growing) plus the most that step held above its start, at the largest."""
+    step_fns = [window_steps(engine, stream, batch, redetect_s, steps) for engine in engines]
+    for fn in step_fns:
+        fn()  # warm-up, as bench_window's
+    times: list[list[float]] = [[] for _ in engines]
+    kept, peak = [0.0] * len(engines), [0.0] * len(engines)
+    for round_ in range(iters):
+        for i in (range(len(engines)) if round_ % 2 == 0 else reversed(range(len(engines)))):
+            device = engines[i].backend.device
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                step_fns[i]()
+                _sync(device)
+                times[i].append(time.perf_counter() - start)
+            peak[i] = max(peak[i], kept[i] + mem.mib)
+            kept[i] += mem.kept_mib
+    return [{**summarise(t, batch), "peak_mib": round(p, 1)} for t, p in zip(times, peak)]
 
 
 def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = REDETECT_S, steps: int = STEPS) -> dict:
@@ -516,8 +546,8 @@ def run(args: argparse.Namespace, cfg) -> int:
             print(f"[bench] {path}: none of {', '.join(wanted)} is available for it here (available: "
                   f"{', '.join(available)})", file=sys.stderr)
     for backend in [b.name for b in BENCH_BACKENDS if any(b.name in t for t in takes.values())]:
-        # the engines of a backend open together, their rows of a scope and batch back to back:
-        # the host's speed moves within minutes, so dense and sparse are timed seconds apart
+        # the engines of a backend open together, their window steps interleaved and their model rows
+        # back to back: the host's speed moves within minutes, so dense and sparse are timed alike
         opened = [(path, open_engine(Path(path), backend, args.threads, cfg.engine.feature_cache))
                   for path in engines if backend in takes[path]]
         stream = stream or Stream.make(opened[0][1].feature_params, args.corpus, pool_s)
@@ -525,13 +555,15 @@ def run(args: argparse.Namespace, cfg) -> int:
             if scope == "model" and BY_NAME[backend].cached:
                 continue  # repeated calls on one batch would all hit the cache: window scope only
             for batch in batches:
-                for path, engine in opened:
+                tracker = (cfg.stream.face_redetect_s, cfg.stream.face_track_steps)
+                if scope == "window":  # the engines' window steps interleaved
+                    measured = bench_windows([e for _, e in opened], stream, batch, iterations[batch], *tracker)
+                else:
+                    measured = [bench_model(e, stream, batch, iterations[batch], *tracker) for _, e in opened]
+                for (path, engine), figures in zip(opened, measured):
                     info = infos[path]
-                    fn = bench_model if scope == "model" else bench_window
                     row = {"model": info["dims"]["name"], "backend": engine.backend_name, "device": engine.backend.device,
-                           "scope": scope, "batch": batch,
-                           **fn(engine, stream, batch, iterations[batch], cfg.stream.face_redetect_s,
-                                cfg.stream.face_track_steps),
+                           "scope": scope, "batch": batch, **figures,
                            "gflops_per_window": round(info["flops_per_window"]["gflops"], 2) if "flops_per_window" in info else None,
                            "sparse_budget": info.get("sparse_budget"), "threads": args.threads, "engine": str(path)}
                     rows.append(row)
@@ -659,8 +691,9 @@ def write_markdown(rows: list[dict], path: Path, table: list[str] = ()) -> None:
              "the per-transcript text CLS computed once and reused by the later windows that hold them (GFLOPs/window stays the whole "
              "window's count); onnx-cached-int8: the same with static int8 CNN graphs and the text encoder in dynamic "
              "int8; onnx-int8: the whole graph "
-             "with dynamic int8 MatMul/Gemm. Every row starts with an empty cache (a source name of its own). Model "
-             "scope = forward only.", "",
+             "with dynamic int8 MatMul/Gemm. Every row starts with an empty cache (a source name of its own); the "
+             "window steps of a backend's engines are interleaved (one step of each in turn), so that the host's "
+             "speed falls on dense and sparse alike. Model scope = forward only.", "",
              "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | sparse budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

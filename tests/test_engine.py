@@ -815,6 +815,37 @@ def test_bench_measurements_share_no_cached_rows(engines):
     assert all(misses > 0 and hits > 0 for misses, hits in counts[0].values()), counts
 
 
+def test_bench_windows_interleaves_engines(engines, monkeypatch):
+    """`mmid bench` times the engines of a backend step by step in turn (order reversed every
+    other round), each doing the work it does timed alone."""
+    import engine.bench as bench
+
+    opened = [Engine.load(engines[name][1], backend="onnx", threads=2, feature_cache=4096) for name in ("mme2e", "mme2e_sparse")]
+    stream = bench.Stream.make(opened[0].feature_params, None, pool_s=30.0)
+    alone = []
+    for engine in opened:
+        before = engine.backend.stats()
+        bench.bench_window(engine, stream, 2, 3)
+        after = engine.backend.stats()
+        alone.append({m: after[m]["misses"] - before[m]["misses"] for m in after})
+    calls = []
+    made = bench.window_steps
+
+    def recording(engine, *args, **kwargs):
+        step = made(engine, *args, **kwargs)
+        index = next(i for i, e in enumerate(opened) if e is engine)
+        return lambda: (calls.append(index), step())[1]
+
+    monkeypatch.setattr(bench, "window_steps", recording)
+    befores = [e.backend.stats() for e in opened]
+    rows = bench.bench_windows(opened, stream, 2, 3)
+    together = [{m: e.backend.stats()[m]["misses"] - b[m]["misses"] for m in b} for e, b in zip(opened, befores)]
+    assert calls == [0, 1, 0, 1, 1, 0, 0, 1]  # warm-up, then rounds in alternating order
+    assert together == alone
+    assert [set(r) for r in rows] == [{"p50_ms", "p95_ms", "windows_per_s", "peak_mib"}] * 2
+    assert all(r["windows_per_s"] > 0 and r["peak_mib"] >= 0 for r in rows)
+
+
 def test_bench_json_rows(engines, capsys):
     """`mmid bench --json`: the rows issue 5 names, for each backend and scope."""
     from engine.cli import main as mmid
