@@ -60,7 +60,7 @@ def parts(engine, stream: Stream, batch: int, steps: int, cfg) -> dict[str, floa
         b = engine.collate_raw([(*blank, audio, text, offset) for _, audio, text, offset in spans],
                                [f"parts-{batch}"] * batch)
         t2 = time.perf_counter()
-        with engine._host_threads():
+        with engine.host_threads():
             tensors, mask = face_batch([f[0] for f in faces], [f[1] for f in faces], engine.feature_params)
         t3 = time.perf_counter()
         engine.backend.run(dataclasses.replace(b, faces=tensors, face_mask=mask))

@@ -170,7 +170,7 @@ class Engine:
         if len(faces) != len(windows):
             raise ValueError(f"find_faces gave {len(faces)} windows' faces for {len(windows)} windows")
         crops = [check_crops(i, f[0], self.feature_params.face_size) for i, f in enumerate(faces)]
-        with self._host_threads():
+        with self.host_threads():
             tensors, mask = face_batch(crops, [f[1] for f in faces], self.feature_params)
         batch = dataclasses.replace(batch, faces=tensors, face_mask=mask)
         out = self.backend.run(batch) if prefetched is None else self.backend.run(batch, prefetched)
@@ -182,10 +182,10 @@ class Engine:
         one CPU thread meanwhile: these operations are too small to share, and a second
         thread doubled their CPU time (measured) while the face thread needs the core. With
         the model on a GPU the CPU has nothing else to do: torch keeps its thread count."""
-        with self._host_threads():
+        with self.host_threads():
             return self._collate_raw(windows, sources)
 
-    def _host_threads(self):
+    def host_threads(self):
         """The context the engine's host-side preparation runs in: one torch thread where
         the model computes on the CPU (``one_torch_thread``), torch's count where it does not."""
         return one_torch_thread() if self.backend.device == "cpu" else contextlib.nullcontext()
