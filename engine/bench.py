@@ -32,8 +32,8 @@ backend by backend; the engines of a backend (dense and sparse) are opened toget
 window steps of one batch size interleaved (one step of each in turn, ``bench_windows``) and
 their model rows run back to back, so that a change of the host's speed falls on both alike.
 Peak memory: RSS high-water mark minus RSS before (CPU; Linux clear_refs), or
-torch.cuda.max_memory_allocated (CUDA); for interleaved window steps, what each engine's own
-steps added (``bench_windows``).
+torch.cuda.max_memory_allocated (CUDA); in the window scope measured per step and summed over
+each engine's own steps (``bench_windows``).
 """
 
 from __future__ import annotations
@@ -408,13 +408,12 @@ def bench_windows(engines: Sequence, stream: Stream, batch: int, iters: int, red
                   steps: int = STEPS) -> list[dict]:
     """Whole windows of several engines timed together: one step of each in turn, the order
     reversed every other round, so that a change of the host's speed (it moves within minutes
-    on our CPU machines) falls on all of them alike (``bench_window`` for one engine). Each
-    engine has its own stream source, face tracker and cache, as in ``bench_window``.
-    ``peak_mib``: per engine, the memory its own steps left allocated before a step (its
+    on our CPU machines) falls on all of them alike. Each engine has its own stream source,
+    face tracker and cache (``window_steps``). ``peak_mib``: per engine, the memory its own steps left allocated before a step (its
     feature cache growing) plus the most that step held above its start, at the largest."""
     step_fns = [window_steps(engine, stream, batch, redetect_s, steps) for engine in engines]
     for fn in step_fns:
-        fn()  # warm-up, as bench_window's
+        fn()  # warm-up
     times: list[list[float]] = [[] for _ in engines]
     kept, peak = [0.0] * len(engines), [0.0] * len(engines)
     for round_ in range(iters):
@@ -431,11 +430,8 @@ def bench_windows(engines: Sequence, stream: Stream, batch: int, iters: int, red
 
 
 def bench_window(engine, stream: Stream, batch: int, iters: int, redetect_s: float = REDETECT_S, steps: int = STEPS) -> dict:
-    """Whole windows in stream order (``window_steps``)."""
-    step = window_steps(engine, stream, batch, redetect_s, steps)
-    with PeakMemory(engine.backend.device) as mem:
-        times = time_calls(step, iters, engine.backend.device, warmup=1)
-    return {**summarise(times, batch), "peak_mib": round(mem.mib, 1)}
+    """Whole windows of one engine in stream order: ``bench_windows`` of it alone."""
+    return bench_windows([engine], stream, batch, iters, redetect_s, steps)[0]
 
 
 # ---------------------------------------------------------------- CLI

@@ -39,7 +39,7 @@ def hand_over_uint8(low_path: str | Path, stage_path: str | Path, names: Sequenc
     requantisation of it went}}, or {} where the low-level graph's outputs are not
     dequantised uint8 (nothing is changed then)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     low, stage = onnx.load(str(low_path)), onnx.load(str(stage_path))
     grids = {}  # output name -> the low-level graph's DequantizeLinear that makes it (uint8 in, scale, zero point)
@@ -52,23 +52,22 @@ def hand_over_uint8(low_path: str | Path, stage_path: str | Path, names: Sequenc
         grids[name] = node
     if set(names) - {i.name for i in stage.graph.input}:
         return {}
-    out = {}
-    for name, dq in grids.items():
-        scale, zero = (numpy_helper.to_array(inits[t]) for t in dq.input[1:3])
-        if scale.size != 1:  # per-tensor activations only (the quantiser's per-channel applies to weights)
-            return {}
-        out[name] = {"scale": float(scale.reshape(())), "zero_point": int(zero.reshape(()))}
+    arrays = {name: [numpy_helper.to_array(inits[t]) for t in dq.input[1:3]] for name, dq in grids.items()}
+    if any(scale.size != 1 for scale, _ in arrays.values()):  # per-tensor activations only (per-channel: weights)
+        return {}
+    out = {name: {"scale": float(scale.reshape(())), "zero_point": int(zero.reshape(()))}
+           for name, (scale, zero) in arrays.items()}
     for graph in (low.graph, stage.graph):  # element types change: ONNX Runtime infers the shapes again
         del graph.value_info[:]
     for name, dq in grids.items():
         _return_uint8(low.graph, name, dq)
         s_name, z_name = f"{name}_handover_scale", f"{name}_handover_zero_point"
-        s_arr, z_arr = (numpy_helper.to_array(inits[t]) for t in dq.input[1:3])
-        stage.graph.initializer.extend([numpy_helper.from_array(s_arr, s_name), numpy_helper.from_array(z_arr, z_name)])
+        scale, zero = arrays[name]
+        stage.graph.initializer.extend([numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zero, z_name)])
         for value in stage.graph.input:
             if value.name == name:
                 value.type.tensor_type.elem_type = TensorProto.UINT8
-        out[name]["requantised"] = _take_uint8(stage.graph, name, s_name, z_name, helper)
+        out[name]["requantised"] = _take_uint8(stage.graph, name, s_name, z_name)
     onnx.save(low, str(low_path))
     onnx.save(stage, str(stage_path))
     return out
@@ -119,11 +118,13 @@ def _return_uint8(graph, name: str, dq) -> None:
             value.type.tensor_type.elem_type = TensorProto.UINT8
 
 
-def _take_uint8(graph, name: str, s_name: str, z_name: str, helper) -> bool:
+def _take_uint8(graph, name: str, s_name: str, z_name: str) -> bool:
     """Make the graph's float32 input ``name`` (now uint8) usable: where it only passes through
     value-moving ops (``MOVES``, one consumer each) to a ``QuantizeLinear``, run those on the
     uint8 values and hand their result to the quantisation's consumers with (s, z) (-> True);
     else dequantise it at the input (-> False)."""
+    from onnx import helper
+
     chain, tensor = [], name
     while True:
         users = _consumers(graph, tensor)
