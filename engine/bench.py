@@ -58,7 +58,7 @@ BENCH_PERSONS = 10
 WINDOW_S, HOP_S = 3.0, 1.0
 FRAME_SIZE = 224  # pixels: the speaker's centre crop that MTCNN searches
 BATCHES = (1, 8, 32)
-DEFAULT_RUN_BUDGET = (0.5, 0.5, 0.5)  # sparse random runs: the budget the paper-preset export calibrates to
+DEFAULT_RUN_FRACTION = 0.5  # sparse random runs, per sparse stage: the budget the paper-preset export calibrates to
 WORDS_PER_S = 4.0  # speaking rate of the bench's speech segments
 TRANSCRIPTS = (  # ~12 words: what a 3 s window of speech holds
     "i told you already that i was not going to the party tonight",
@@ -82,14 +82,15 @@ def make_tokenizer(path: Path) -> Path:
 
 def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS, int8: bool = True,
                   sparse_budget: tuple[float, ...] | None = None, seed: int = 0, corpus: Path | None = None,
-                  sparse_guide: str = "text") -> Path:
+                  sparse_guide: str = "text", sparse_dense_stages: int | None = None) -> Path:
     """Export a random-weight model of ``preset`` to ``out`` (reused when already there). Its
-    int8 graphs are calibrated on the bench stream's windows. ``sparse_guide``: the sparse
-    model's ``ModelDims.sparse_guide``."""
+    int8 graphs are calibrated on the bench stream's windows. ``sparse_guide``,
+    ``sparse_dense_stages``: the sparse model's ``ModelDims`` fields (None: the preset's)."""
     import dataclasses
 
     from engine.backends.feature_cache import split_format
     from engine.dims import preset_dims
+    from engine.handover import HANDED_OVER
     from engine.export import export_engine
     from engine.features import FeatureParams
     from engine.model import build_model
@@ -97,13 +98,16 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
     if (out / "engine.json").exists():
         info = json.loads((out / "engine.json").read_text())
         # engines from before the split graphs (sparse: before its split), dense ones without int8 CNNs,
-        # sparse ones from before the uint8 hand-over between their int8 graphs: rebuild
+        # sparse ones from before the uint8 hand-over of the map alone (keys in fp32) or with
+        # another number of dense stages: rebuild
         if info.get("split_format") == split_format(name) and (not int8 or (
-                info.get("split_int8_graphs") if name == "mme2e" else info.get("int8_handover"))):
+                info.get("split_int8_graphs") if name == "mme2e"
+                else set(info.get("int8_handover", {}).get("audio", {})) == set(HANDED_OVER))) and (
+                name == "mme2e" or info["dims"].get("sparse_dense_stages", 0) == (sparse_dense_stages or 0)):
             return out
     torch.manual_seed(seed)
-    dims = preset_dims(preset, name, n_persons)
-    model = build_model(dataclasses.replace(dims, sparse_guide=sparse_guide) if name == "mme2e_sparse" else dims).eval()
+    dims = sparse_fields(preset_dims(preset, name, n_persons), sparse_guide, sparse_dense_stages)
+    model = build_model(dims).eval()
     tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
     persons = [f"person{i}" for i in range(n_persons)]
     data = stream_int8_inputs(model, tokenizer, corpus) if int8 else None
@@ -133,7 +137,8 @@ def stream_int8_inputs(model, tokenizer: Path, corpus: Path | None, windows: int
 
 
 def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS,
-               sparse_budget: tuple[float, ...] | None = None, seed: int = 0, sparse_guide: str = "text") -> Path:
+               sparse_budget: tuple[float, ...] | None = None, seed: int = 0, sparse_guide: str = "text",
+               sparse_dense_stages: int | None = None) -> Path:
     """A random-weight run folder of ``preset`` (weights + model.json + tokenizer): what the
     torch backends load, without the ONNX export (reused when already there)."""
     import dataclasses
@@ -145,9 +150,9 @@ def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS
 
     if (out / "model.json").exists():
         return out
-    dims = preset_dims(preset, name, n_persons)
+    dims = sparse_fields(preset_dims(preset, name, n_persons), sparse_guide, sparse_dense_stages)
     if name == "mme2e_sparse":
-        dims = dataclasses.replace(dims, sparse_budget=tuple(sparse_budget or ()), sparse_guide=sparse_guide)
+        dims = dataclasses.replace(dims, sparse_budget=tuple(sparse_budget or (DEFAULT_RUN_FRACTION,) * dims.n_sparse_stages))
     torch.manual_seed(seed)
     model = build_model(dims).eval()
     tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
@@ -155,6 +160,16 @@ def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS
                    extra={"source": f"random weights, preset {preset}"})
     save_checkpoint(out, model, meta, tokenizer)
     return out
+
+
+def sparse_fields(dims, sparse_guide: str, sparse_dense_stages: int | None):
+    """``dims`` with the sparse model's guide and dense-stage count set (dense dims unchanged)."""
+    import dataclasses
+
+    if dims.name != "mme2e_sparse":
+        return dims
+    dense = dims.sparse_dense_stages if sparse_dense_stages is None else sparse_dense_stages
+    return dataclasses.replace(dims, sparse_guide=sparse_guide, sparse_dense_stages=dense)
 
 
 # ---------------------------------------------------------------- inputs
@@ -450,6 +465,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparse-budget", type=float, nargs="+", help="sparse export budget for --preset engines")
     parser.add_argument("--sparse-guide", choices=["text", "learned"], default="text",
                         help="what queries the sparse stages of --preset engines (model.sparse_guide)")
+    parser.add_argument("--sparse-dense-stages", type=int, default=None,
+                        help="first stages of --preset sparse engines that run dense (default: "
+                             "model.sparse_dense_stages)")
     parser.add_argument("--corpus", type=Path, help="synthetic corpus folder for real face frames (mmid synth)")
     parser.add_argument("--peer", action="store_true", help="also time benchmarks/peer.py (the original MME2E workload)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -517,16 +535,19 @@ def run(args: argparse.Namespace, cfg) -> int:
         preset = args.preset or "tiny"
         budget = tuple(args.sparse_budget) if args.sparse_budget else None
         torch_only = bool(wanted) and all(b in TORCH_BACKENDS for b in wanted)  # no ONNX export needed
+        dense_stages = cfg.model.sparse_dense_stages if args.sparse_dense_stages is None else args.sparse_dense_stages
         for name in ("mme2e", "mme2e_sparse"):
             tag = "" if budget is None or name == "mme2e" else "-" + "-".join(map(str, budget))
             tag += "-learned" if args.sparse_guide == "learned" and name == "mme2e_sparse" else ""
+            if dense_stages and name == "mme2e_sparse":
+                tag += f"-dense{dense_stages}"
             if torch_only:
-                run_budget = budget or (DEFAULT_RUN_BUDGET if name == "mme2e_sparse" else None)
-                engines.append(random_run(preset, name, args.cache_dir / f"{preset}-{name}{tag}-run", sparse_budget=run_budget,
-                                          sparse_guide=args.sparse_guide))
+                engines.append(random_run(preset, name, args.cache_dir / f"{preset}-{name}{tag}-run", sparse_budget=budget,
+                                          sparse_guide=args.sparse_guide, sparse_dense_stages=dense_stages))
             else:
                 engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget,
-                                             corpus=args.corpus, sparse_guide=args.sparse_guide))
+                                             corpus=args.corpus, sparse_guide=args.sparse_guide,
+                                             sparse_dense_stages=dense_stages))
     batches = [int(b) for b in args.batches.split(",")]
     scopes = args.scopes.split(",")
     rows = []

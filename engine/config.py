@@ -65,6 +65,7 @@ class ModelConfig:
     text_model: str = ""
     sparse_threshold: float = 0.8
     sparse_guide: Literal["text", "learned"] = "text"
+    sparse_dense_stages: int = 0
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,12 @@ class ModelDims:
     text_pad_id: int = 0
     # sparse model
     sparse_threshold: float = 0.8  # st: attention mass kept by the CDF rule
-    sparse_budget: tuple[float, ...] = ()  # fixed budget per stage (fraction of positions); () = CDF rule
+    sparse_budget: tuple[float, ...] = ()  # fixed budget per sparse stage (fraction of positions); () = CDF rule
+    # mme2e_sparse: how many of the first stages run dense (every site, no attention),
+    # as part of the guide-free low-level CNN; the sparse layers are the stages after
+    # them. A stage whose attention keeps most of its sites costs more gathered than
+    # dense, and a dense stage's output can be reused whatever the transcript.
+    sparse_dense_stages: int = 0
     # What queries the sparse stages' attention: "text" (the transcript's CLS, as in the
     # paper; a learned query when there is no transcript) or "learned" (that learned
     # query always: site selection that does not depend on the transcript).
@@ -77,14 +82,27 @@ class ModelDims:
         scale = 2 ** self.n_pools
         for what, size in (("face_size", self.face_size), ("n_mels", self.n_mels), ("chunk_frames", self.chunk_frames)):
             _check(size % scale == 0, f"{what}={size}: must be a multiple of 2**{self.n_pools}={scale}")
+        _check(0 <= self.sparse_dense_stages < len(self.stage_channels),
+               f"sparse_dense_stages={self.sparse_dense_stages}: expected 0 to {len(self.stage_channels) - 1} "
+               "(at least one stage stays sparse)")
         if self.sparse_budget:
-            _check(len(self.sparse_budget) == len(self.stage_channels),
-                   f"sparse_budget has {len(self.sparse_budget)} entries, expected one per stage ({len(self.stage_channels)})")
+            _check(len(self.sparse_budget) == self.n_sparse_stages,
+                   f"sparse_budget has {len(self.sparse_budget)} entries, expected one per sparse stage ({self.n_sparse_stages})")
             _check(all(0.0 < b <= 1.0 for b in self.sparse_budget), "sparse_budget fractions must be in (0, 1]")
 
     @property
     def n_pools(self) -> int:
         return 1 + len(self.stage_channels)
+
+    @property
+    def n_sparse_stages(self) -> int:
+        """Stages of mme2e_sparse that select sites (those after sparse_dense_stages)."""
+        return len(self.stage_channels) - self.sparse_dense_stages
+
+    @property
+    def low_channels(self) -> int:
+        """Channels of mme2e_sparse's low-level map (the input of its first sparse stage)."""
+        return self.stage_channels[self.sparse_dense_stages - 1] if self.sparse_dense_stages else self.stem_channels
 
     def grids(self, modality: str) -> list[tuple[int, int]]:
         """Spatial size (H, W) at the input of each stage, then after the last one."""
@@ -168,7 +186,7 @@ def text_dims_from_folder(folder: str | Path) -> dict[str, Any]:
 
 
 def preset_dims(preset: str, name: str, n_persons: int, text_model: str = "", *, text_vocab: int = 0,
-                sparse_threshold: float = 0.8, sparse_guide: str = "text") -> ModelDims:
+                sparse_threshold: float = 0.8, sparse_guide: str = "text", sparse_dense_stages: int = 0) -> ModelDims:
     """Dims of a size preset. ``text_model``: "" (the preset's own), "tiny", "minilm",
     "albert-base", or a local BERT/ALBERT folder. ``text_vocab`` overrides the
     vocabulary size (the tiny preset's tokenizer is built at training time)."""
@@ -185,4 +203,4 @@ def preset_dims(preset: str, name: str, n_persons: int, text_model: str = "", *,
         text["text_vocab"] = text_vocab
     cnn = TINY_CNN if preset == "tiny" else PAPER_CNN
     return ModelDims(name=name, n_persons=n_persons, sparse_threshold=sparse_threshold, sparse_guide=sparse_guide,
-                     **cnn, **text)
+                     sparse_dense_stages=sparse_dense_stages if name == "mme2e_sparse" else 0, **cnn, **text)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, cfg) -> int:
 
 
 def resolve_budget(model, given: Sequence[float] | None, data: Path | None, run: Path, cfg_budget: float) -> tuple[float, ...]:
-    n = len(model.dims.stage_channels)
+    n = model.dims.n_sparse_stages
     if given:
         if len(given) not in (1, n):
             raise ValueError(f"--sparse-budget: give 1 or {n} fractions, got {len(given)}")
@@ -200,7 +200,7 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
     model = model.cpu().eval()
     dims: ModelDims = model.dims
     if dims.name == "mme2e_sparse":
-        budget = tuple(sparse_budget or (DEFAULT_SPARSE_BUDGET,) * len(dims.stage_channels))
+        budget = tuple(sparse_budget or (DEFAULT_SPARSE_BUDGET,) * dims.n_sparse_stages)
         model.set_sparse_budget(budget)
         dims = dataclasses.replace(dims, sparse_budget=budget)
     export_onnx(model, out / "model.onnx")

@@ -1,9 +1,9 @@
 """uint8 hand-over between the sparse model's static int8 graphs.
 
 Quantised, a low-level graph (``visual_low.int8.onnx``, ``audio_low.int8.onnx``) ends
-each of its outputs (the low-level map and the first stage's attention keys, ``LOW_OUTPUTS``)
-with a ``DequantizeLinear``: uint8 values on a grid (scale s, zero point z) turned into
-float32. The sparse-stage graph then gathers the kept sites' rows of the map in float32
+its map output with a ``DequantizeLinear``: uint8 values on a grid (scale s, zero point
+z) turned into float32 (its other output, the first sparse stage's attention keys, is
+computed in fp32: ``engine.quantize.key_projection``). The sparse-stage graph then gathers the kept sites' rows of the map in float32
 and quantises them again, and the cached backend keeps the float32 maps between windows
 (paper sizes: 2 x 144 KB a face, 2 x 256 KB an audio chunk).
 
@@ -14,9 +14,9 @@ returned. Where the stage graph only reshapes and gathers a map before quantisin
 again (the map's rows for the first stage), those run on the uint8 values, and the
 requantisation goes: the rows reach their consumers dequantised with (s, z), the exact
 values, where they were requantised on a grid calibrated for the rows alone. Elsewhere
-(the keys, which enter the attention in float32) a ``DequantizeLinear`` at the input
-gives the same float32 tensor as before. The maps kept between windows are 4x smaller,
-and the low-level graph skips its two output dequantisations (BENCHMARKS.md, session 16).
+(an output that enters float32 work) a ``DequantizeLinear`` at the input gives the same
+float32 tensor as before. The maps kept between windows are 4x smaller, and the
+low-level graph skips its output dequantisation (BENCHMARKS.md, session 16).
 
 Graphs that do not end their outputs in a ``DequantizeLinear`` (the float32 graphs, an
 export from before) are left as they are; the cached backend passes whatever dtype a
@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+HANDED_OVER = ("low",)  # the low-level graphs' uint8 outputs (the keys stay float32)
 # ops that a uint8 map may pass through unchanged before its requantisation (they move values)
 MOVES = ("Reshape", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
@@ -76,10 +77,8 @@ def hand_over_uint8(low_path: str | Path, stage_path: str | Path, names: Sequenc
 def hand_over_split_int8(folder: str | Path, graphs: dict[str, str]) -> dict[str, dict]:
     """``hand_over_uint8`` for each modality's int8 low-level and sparse-stage graphs in
     ``folder`` (``graphs``: the split int8 graph files by key) -> what it did, by modality."""
-    from engine.backends.feature_cache import LOW_OUTPUTS
-
     folder = Path(folder)
-    return {m: hand_over_uint8(folder / graphs[f"{m}_low"], folder / graphs[m], LOW_OUTPUTS) for m in ("visual", "audio")}
+    return {m: hand_over_uint8(folder / graphs[f"{m}_low"], folder / graphs[m], HANDED_OVER) for m in ("visual", "audio")}
 
 
 def _producer(graph, tensor: str):

@@ -48,10 +48,12 @@ def low_level_cnn(dims: ModelDims, in_channels: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def dense_stages(dims: ModelDims) -> nn.Sequential:
+def dense_stages(dims: ModelDims, count: int | None = None) -> nn.Sequential:
+    """The first ``count`` stages (all when None) as dense layers: convs_per_stage 3x3
+    conv + BN + ReLU, then a 2x2 max-pool, per stage."""
     layers: list[nn.Module] = []
     cin = dims.stem_channels
-    for cout in dims.stage_channels:
+    for cout in dims.stage_channels[:count]:
         layers += [conv_bn_relu(cin if i == 0 else cout, cout, 3) for i in range(dims.convs_per_stage)]
         layers.append(nn.MaxPool2d(2))
         cin = cout
@@ -209,29 +211,32 @@ class MME2E(_MME2EBase):
 
 
 class SparseCNN(nn.Module):
-    """Dense low-level CNN, then one text-guided SparseStage per entry of stage_channels."""
+    """Dense low-level CNN (with the first ``sparse_dense_stages`` stages, dense), then one
+    text-guided SparseStage per remaining entry of stage_channels."""
 
     def __init__(self, dims: ModelDims, in_channels: int):
         super().__init__()
-        self.low = low_level_cnn(dims, in_channels)
-        cins = (dims.stem_channels,) + dims.stage_channels[:-1]
+        n_dense = dims.sparse_dense_stages
+        self.low = nn.Sequential(*low_level_cnn(dims, in_channels), *dense_stages(dims, n_dense))
+        cins = ((dims.stem_channels,) + dims.stage_channels[:-1])[n_dense:]
         self.stages = nn.ModuleList(
-            SparseStage(cin, cout, dims.convs_per_stage, dims.text_hidden) for cin, cout in zip(cins, dims.stage_channels)
+            SparseStage(cin, cout, dims.convs_per_stage, dims.text_hidden)
+            for cin, cout in zip(cins, dims.stage_channels[n_dense:])
         )
 
     def forward(self, x: Tensor, mask: Tensor, guide: Tensor, threshold: float,
                 budget: Sequence[float] | None) -> tuple[Tensor, Tensor]:
         """x (N, Cin, H, W), mask (N,) real frames, guide (N, G) ->
-        (features (N, flat), kept sites per frame and stage (N, n_stages))."""
+        (features (N, flat), kept sites per frame and sparse stage (N, n_sparse_stages))."""
         return self.sparse(self.low(x), mask, guide, threshold, budget)
 
     def sparse(self, x: Tensor, mask: Tensor, guide: Tensor, threshold: float,
                budget: Sequence[float] | None) -> tuple[Tensor, Tensor]:
-        """The sparse stages alone: the low-level map x (N, C0, H/2, W/2), mask (N,), guide
-        (N, G) -> (features (N, flat), kept sites per frame and stage (N, n_stages))."""
+        """The sparse stages alone: the low-level map x (N, low_channels, h, w), mask (N,), guide
+        (N, G) -> (features (N, flat), kept sites per frame and sparse stage (N, n_sparse_stages))."""
         if fixed_budget_eval(self, budget):
             return self.sparse_budget_eval(channels_last(x), x.shape[2], x.shape[3], mask, guide, budget)
-        active = mask[:, None, None].expand(-1, x.shape[2], x.shape[3])  # (N, H/2, W/2)
+        active = mask[:, None, None].expand(-1, x.shape[2], x.shape[3])  # (N, h, w)
         kept = []
         for i, stage in enumerate(self.stages):
             x, active, count = stage(x, active, guide, threshold, None if budget is None else budget[i])
@@ -240,15 +245,15 @@ class SparseCNN(nn.Module):
 
     def low_maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Frames x (N, Cin, H, W) -> what the sparse stages need of them that no guide changes:
-        the low-level maps channels last (N, H/2*W/2, C0) and the first stage's attention keys
-        (N, H/2*W/2, A), both functions of the frame alone."""
+        the low-level maps channels last (N, h*w, low_channels) and the first sparse stage's
+        attention keys (N, h*w, A), both functions of the frame alone."""
         rows = channels_last(self.low(x))
         return rows, self.stages[0].attention.channel_proj(rows)
 
     def sparse_budget_eval(self, x: Tensor, h: int, w: int, mask: Tensor, guide: Tensor, budget: Sequence[float],
                            all_real: bool = False, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``sparse`` in evaluation with a fixed budget, through ``SparseStage.forward_budget``
-        (the same values): x the low-level maps channels last (N, h*w, C0), mask (N,) real frames,
+        (the same values): x the low-level maps channels last (N, h*w, low_channels), mask (N,) real frames,
         guide (N, G); ``all_real``: every frame is real (the first stage needs no candidate
         mask); ``keys``: the first stage's attention keys (``low_maps``) when the caller has them."""
         active = None if all_real else mask[:, None].expand(-1, h * w)  # (N, h*w)
@@ -304,8 +309,8 @@ class MME2ESparse(_MME2EBase):
         """None: CDF rule (the paper). A fraction per stage: fixed top-k sites per frame."""
         if budget is not None:
             budget = tuple(float(b) for b in budget)
-            if len(budget) != len(self.dims.stage_channels) or not all(0 < b <= 1 for b in budget):
-                raise ValueError(f"sparse budget {budget}: expected {len(self.dims.stage_channels)} fractions in (0, 1]")
+            if len(budget) != self.dims.n_sparse_stages or not all(0 < b <= 1 for b in budget):
+                raise ValueError(f"sparse budget {budget}: expected {self.dims.n_sparse_stages} fractions in (0, 1]")
         self.sparse_budget = budget
 
     def stage_entropies(self) -> dict[str, list[float]]:
@@ -339,9 +344,10 @@ class MME2ESparse(_MME2EBase):
 
     def sparse_grids(self, modality: str) -> list[tuple[int, int, int, int]]:
         """(H, W, Cin, Cout) of each sparse stage's input grid (for FLOPs counting)."""
-        cins = (self.dims.stem_channels,) + self.dims.stage_channels[:-1]
-        grids = self.dims.grids(modality)[:-1]
-        return [(h, w, cin, cout) for (h, w), cin, cout in zip(grids, cins, self.dims.stage_channels)]
+        n_dense = self.dims.sparse_dense_stages
+        cins = ((self.dims.stem_channels,) + self.dims.stage_channels[:-1])[n_dense:]
+        grids = self.dims.grids(modality)[n_dense:-1]
+        return [(h, w, cin, cout) for (h, w), cin, cout in zip(grids, cins, self.dims.stage_channels[n_dense:])]
 
     def text_guide(self, text_cls: Tensor, text_present: Tensor) -> Tensor:
         """text_cls (B, Ht), text_present (B,) -> guide (B, Ht): the transcript's CLS, or
@@ -363,26 +369,26 @@ class MME2ESparse(_MME2EBase):
     def low_maps(self, modality: str, x: Tensor) -> tuple[Tensor, Tensor]:
         """One modality's frames or chunks x (N, Cin, H, W) -> the part of the sparse CNN's work
         that does not see the text (``SparseCNN.low_maps``: low-level maps channels last
-        (N, H/2*W/2, stem_channels) and the first stage's attention keys (N, H/2*W/2, A)), so
+        (N, h*w, low_channels) and the first sparse stage's attention keys (N, h*w, A)), so
         a frame's may be reused with any guide."""
         return (self.audio_cnn if modality == "audio" else self.visual_cnn).low_maps(x)
 
     def sparse_embedding(self, modality: str, low: Tensor, keys: Tensor, text_cls: Tensor,
                          text_present: Tensor) -> Tensor:
-        """``low_maps`` of N real frames or chunks (low (N, h*w, stem_channels), keys (N, h*w, A)),
+        """``low_maps`` of N real frames or chunks (low (N, h*w, low_channels), keys (N, h*w, A)),
         and the text CLS (N, Ht) and text presence (N,) of the window each belongs to ->
         projected CNN outputs (N, trans_dim): what the sparse model computes from a frame and
         its window's guide (``text_guide``), for ``forward_from_features``. Evaluation with a
         fixed budget (what the split export serves); otherwise the keys are computed again."""
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
         seq = self.audio_seq if modality == "audio" else self.visual_seq
-        h, w = self.dims.grids(modality)[0]
+        h, w = self.dims.grids(modality)[self.dims.sparse_dense_stages]
         real = torch.ones_like(text_present, dtype=torch.bool)  # (N,) every row is a real frame
         guide = self.text_guide(text_cls, text_present)
         if fixed_budget_eval(self, self.sparse_budget):
             feats, _ = cnn.sparse_budget_eval(low, h, w, real, guide, self.sparse_budget, all_real=True, keys=keys)
         else:
-            nchw = low.transpose(1, 2).reshape(low.shape[0], low.shape[2], h, w)  # (N, stem_channels, h, w)
+            nchw = low.transpose(1, 2).reshape(low.shape[0], low.shape[2], h, w)  # (N, low_channels, h, w)
             feats, _ = cnn.sparse(nchw, real, guide, self.dims.sparse_threshold, self.sparse_budget)
         return seq.proj(feats)  # (N, trans_dim)
 

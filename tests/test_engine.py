@@ -60,9 +60,14 @@ def tokenizer_file(tmp_path_factory) -> Path:
     return make_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
+DENSE_FIRST = "mme2e_sparse+dense1"  # the sparse model with its first stage dense (model.sparse_dense_stages = 1)
+
+
 def _model(name: str, seed: int):
     torch.manual_seed(seed)
-    model = build_model(preset_dims("tiny", name, N_PERSONS, text_vocab=400)).eval()
+    dense_stages = 1 if name == DENSE_FIRST else 0
+    model = build_model(preset_dims("tiny", name.split("+")[0], N_PERSONS, text_vocab=400,
+                                    sparse_dense_stages=dense_stages)).eval()
     # non-trivial BatchNorm statistics and fusion weights, as after training
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -76,11 +81,11 @@ def _model(name: str, seed: int):
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, tokenizer_file) -> dict[str, tuple[torch.nn.Module, Path]]:
     out = {}
-    for seed, name in enumerate(("mme2e", "mme2e_sparse")):
+    for seed, name in enumerate(("mme2e", "mme2e_sparse", DENSE_FIRST)):
         model = _model(name, seed)
-        folder = tmp_path_factory.mktemp(name)
+        folder = tmp_path_factory.mktemp(name.replace("+", "-"))
         export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, folder,
-                      sparse_budget=BUDGET, int8=True)
+                      sparse_budget=BUDGET[model.dims.sparse_dense_stages:], int8=True)
         out[name] = (model, folder)  # the sparse model is left in the exported fixed-budget mode
     return out
 
@@ -98,7 +103,7 @@ def _assert_close(got: dict, want: dict, tol: float = TOL) -> None:
         np.testing.assert_allclose(got[key], want[key], atol=tol, rtol=0, err_msg=key)
 
 
-@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse", DENSE_FIRST])
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_backend_matches_pytorch(engines, name, backend):
     model, folder = engines[name]
@@ -126,7 +131,7 @@ def test_inputs_padded_to_bucket_sizes_give_the_same_answers(engines, name):
         _assert_close(padded.run(batch), _reference(model, batch))
 
 
-@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse", DENSE_FIRST])
 def test_cached_backend_matches_pytorch(engines, name):
     """Engine with its CNN and text outputs cached: same outputs as the model, on first
     sight (misses) and on the second call with the same inputs (every real frame, chunk
@@ -366,7 +371,7 @@ def test_absent_modality_reported(engines):
     assert np.all(out["modality_logits"][0, 0] == 0) and np.all(out["modality_logits"][1, 2] == 0)
 
 
-@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse", DENSE_FIRST])
 def test_batch_without_any_face_or_audio(engines, name):
     """No real frame in the whole batch: the exported CNNs run on an empty batch."""
     model, folder = engines[name]
@@ -406,7 +411,7 @@ def test_int8_served_only_when_top1_holds(engines, name):
             Engine.load(folder, "onnx", int8=True)
 
 
-@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse"])
+@pytest.mark.parametrize("name", ["mme2e", "mme2e_sparse", DENSE_FIRST])
 def test_int8_cnn_graphs_serve_through_the_cache(engines, name):
     """Static int8 CNN graphs (sparse: low-level and sparse-stage graphs) + the fp32 text
     graph and head, behind the same feature cache; close to fp32 (they are quantised, not
@@ -414,7 +419,7 @@ def test_int8_cnn_graphs_serve_through_the_cache(engines, name):
     model, folder = engines[name]
     info = json.loads((folder / "engine.json").read_text())
     assert set(info["split_int8_graphs"].values()) <= {p.name for p in folder.iterdir()}
-    for key in ("visual", "audio", "visual_low", "audio_low") if name == "mme2e_sparse" else ("visual", "audio"):
+    for key in ("visual", "audio", "visual_low", "audio_low") if name != "mme2e" else ("visual", "audio"):
         graph = onnx.load(str(folder / info["split_int8_graphs"][key]))
         assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node), key  # really int8 convolutions
     # the text encoder in dynamic int8: every MatMul with a constant weight quantised, the
@@ -438,11 +443,12 @@ def test_int8_cnn_graphs_serve_through_the_cache(engines, name):
 
 
 def test_sparse_int8_graphs_hand_over_uint8(engines, tmp_path):
-    """The sparse model's int8 low-level graphs return their map and keys as uint8 and the
-    sparse-stage graphs take them so: the low-level outputs are exactly the former float32
-    ones once dequantised with the recorded grid, and the stage graph's answers match the
-    former pair's (its rows reach their convolution dequantised from the map's own grid
-    instead of requantised on a grid of their own)."""
+    """The sparse model's int8 low-level graphs return their map as uint8 and their attention
+    keys in float32 (computed in fp32 from that map), and the sparse-stage graphs take them so.
+    The rewrite itself: the low-level outputs are exactly the former float32 ones once
+    dequantised with the recorded grid, and the stage graph's answers match the former pair's
+    (its rows reach their convolution dequantised from the map's own grid instead of
+    requantised on a grid of their own)."""
     import onnxruntime as ort
 
     from engine.backends.feature_cache import LOW_OUTPUTS, SPARSE_SPLIT_GRAPHS
@@ -452,18 +458,25 @@ def test_sparse_int8_graphs_hand_over_uint8(engines, tmp_path):
     model, folder = engines["mme2e_sparse"]
     info = json.loads((folder / "engine.json").read_text())
     assert set(info["int8_handover"]) == {"visual", "audio"}
-    for modality in ("visual", "audio"):
-        assert info["int8_handover"][modality]["low"]["requantised"]  # the map's rows gathered as uint8
-        low = ort.InferenceSession(str(folder / info["split_int8_graphs"][f"{modality}_low"]))
-        stage = ort.InferenceSession(str(folder / info["split_int8_graphs"][modality]))
-        assert [o.type for o in low.get_outputs()] == ["tensor(uint8)"] * 2
-        assert {i.name: i.type for i in stage.get_inputs()}.keys() >= set(LOW_OUTPUTS)
-        assert all(i.type == "tensor(uint8)" for i in stage.get_inputs() if i.name in LOW_OUTPUTS)
-
-    # the same rewrite on freshly quantised copies, against the graphs as quantised
-    rng = np.random.default_rng(0)
     batch = random_batch(model.dims, 4, 6, 8, 14, seed=5)
     items = {"visual": batch.faces[batch.face_mask].numpy(), "audio": batch.audio[batch.audio_mask].numpy()}
+    for modality in ("visual", "audio"):
+        grid = info["int8_handover"][modality]["low"]
+        assert grid["requantised"] and set(info["int8_handover"][modality]) == {"low"}  # the map's rows gathered as uint8
+        low = ort.InferenceSession(str(folder / info["split_int8_graphs"][f"{modality}_low"]))
+        stage = ort.InferenceSession(str(folder / info["split_int8_graphs"][modality]))
+        assert [(o.name, o.type) for o in low.get_outputs()] == [("low", "tensor(uint8)"), ("keys", "tensor(float)")]
+        assert {i.name: i.type for i in stage.get_inputs() if i.name in LOW_OUTPUTS} == {
+            "low": "tensor(uint8)", "keys": "tensor(float)"}
+        # the keys (which decide the kept sites) in fp32, from the very map the stage graph gets
+        mapped, keys = low.run(None, {low.get_inputs()[0].name: items[modality]})
+        proj = (model.audio_cnn if modality == "audio" else model.visual_cnn).stages[0].attention.channel_proj
+        with torch.no_grad():
+            want = proj(torch.from_numpy((mapped.astype(np.float32) - grid["zero_point"]) * np.float32(grid["scale"])))
+        np.testing.assert_allclose(keys, want.numpy(), atol=1e-5, rtol=1e-5)
+
+    # the rewrite on freshly quantised copies (both outputs quantised here), against the graphs as quantised
+    rng = np.random.default_rng(0)
     for modality, x in items.items():
         low_src, stage_src = folder / SPARSE_SPLIT_GRAPHS[f"{modality}_low"], folder / SPARSE_SPLIT_GRAPHS[modality]
         fp32_low = ort.InferenceSession(str(low_src))
@@ -524,9 +537,12 @@ def test_fold_weight_transposes_keeps_outputs_and_shares_the_fold():
     np.testing.assert_allclose(run(q), before, atol=0.1 * np.abs(before).max())
 
 
-def test_sparse_export_executes_fewer_flops(engines):
-    info = json.loads((engines["mme2e_sparse"][1] / "engine.json").read_text())
-    assert info["sparse_budget"] == list(BUDGET)
+@pytest.mark.parametrize("name", ["mme2e_sparse", DENSE_FIRST])
+def test_sparse_export_executes_fewer_flops(engines, name):
+    model, folder = engines[name]
+    info = json.loads((folder / "engine.json").read_text())
+    assert info["sparse_budget"] == list(BUDGET[model.dims.sparse_dense_stages:])
+    assert info["dims"]["sparse_dense_stages"] == model.dims.sparse_dense_stages
     flops = info["flops_per_window"]
     assert flops["gflops"] < 0.9 * flops["dense_gflops"]
 
@@ -673,12 +689,12 @@ def test_engine_folder_contents(engines):
         files = {p.name for p in folder.iterdir()}
         assert {"engine.json", "model.onnx", "tokenizer.json", "model.safetensors", "model.int8.onnx"} <= files
         info = json.loads((folder / "engine.json").read_text())
-        assert info["dims"]["name"] == name and info["persons"] == [f"p{i}" for i in range(N_PERSONS)]
+        assert info["dims"]["name"] == name.split("+")[0] and info["persons"] == [f"p{i}" for i in range(N_PERSONS)]
         assert FeatureParams.from_dict(info["features"]) == FeatureParams()
         assert {"torch", "onnx", "onnxruntime", "tensorrt"} <= set(info["versions"])
         assert set(info["split_graphs"].values()) <= files
         low = {"visual_low.onnx", "audio_low.onnx"}
-        assert low <= files if name == "mme2e_sparse" else not low & files
+        assert low <= files if name != "mme2e" else not low & files
 
 
 # ---------------------------------------------------------------- TensorRT

@@ -60,6 +60,10 @@ def test_dims_are_checked():
         ModelDims(face_size=40)
     with pytest.raises(ValueError, match="sparse_budget"):
         ModelDims(sparse_budget=(0.5,))
+    with pytest.raises(ValueError, match="sparse_budget"):  # one fraction per sparse stage
+        ModelDims(sparse_dense_stages=1, sparse_budget=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="sparse_dense_stages"):  # at least one stage stays sparse
+        ModelDims(sparse_dense_stages=3)
     with pytest.raises(ValueError, match="preset"):
         preset_dims("huge", "mme2e", 3)
 
@@ -164,6 +168,49 @@ def test_fixed_budget_mode_has_static_site_counts():
     model.set_sparse_budget(None)  # back to the CDF rule
     model(*make_batch([(3, 4, 6)]))
     assert set(model.last_active_fractions) == {"audio", "visual"}
+
+
+def test_dense_first_stage_is_the_sparse_stage_that_keeps_every_site():
+    """model.sparse_dense_stages = 1: the first stage runs as dense convolutions in the low-level
+    CNN. With the weights of an all-sparse model whose first stage keeps every site (budget 1.0),
+    it gives that model's outputs: a submanifold convolution over every site is a dense one."""
+    torch.manual_seed(0)
+    dims = preset_dims("tiny", "mme2e_sparse", N_PERSONS, text_vocab=VOCAB)
+    sparse = build_model(dims).eval()
+    for m in sparse.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    first = build_model(dataclasses.replace(dims, sparse_dense_stages=1)).eval()
+    assert first.dims.low_channels == dims.stage_channels[0] and len(first.audio_cnn.stages) == len(dims.stage_channels) - 1
+    at = 2 + dims.low_convs  # the dense stage's first conv in SparseCNN.low (after stem, pool, low convs)
+    state = {}
+    for key, value in sparse.state_dict().items():
+        for cnn in ("audio_cnn", "visual_cnn"):
+            if key.startswith(f"{cnn}.stages.0.blocks."):  # blocks.{i}.conv.weight / .norm.* -> low.{at+i}.0 / .1
+                i, part, rest = key[len(f"{cnn}.stages.0.blocks."):].split(".", 2)
+                key = f"{cnn}.low.{at + int(i)}.{0 if part == 'conv' else 1}.{rest}"
+            elif key.startswith(f"{cnn}.stages.0."):  # the first stage's attention: no longer used
+                key = None
+            elif key.startswith(f"{cnn}.stages."):
+                k, rest = key[len(f"{cnn}.stages."):].split(".", 1)
+                key = f"{cnn}.stages.{int(k) - 1}.{rest}"
+            if key is None:
+                break
+        if key is not None:
+            state[key] = value
+    first.load_state_dict(state)  # strict: every weight of the dense-first model is mapped
+    sparse.set_sparse_budget((1.0, 0.5, 0.5))
+    first.set_sparse_budget((0.5, 0.5))
+    with torch.no_grad():
+        for seed in (0, 1):
+            batch = make_batch([(3, 4, 6), (2, 2, 3), (1, 3, 2)], seed=seed)
+            want, got = sparse(*batch), first(*batch)
+            torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.embedding, want.embedding, atol=1e-5, rtol=1e-5)
+            assert first.last_active_fractions["visual"].shape == (2,)  # the sparse stages only
+    with pytest.raises(ValueError, match="2 fractions"):
+        first.set_sparse_budget((0.5, 0.5, 0.5))
 
 
 @pytest.mark.slow

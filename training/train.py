@@ -111,7 +111,8 @@ def _tokenizer_file(job: TrainJob, cfg: Config, text_dir: Path | None) -> Path:
 def build_dims(job: TrainJob, cfg: Config, n_persons: int, learned_vocab: int) -> ModelDims:
     """Preset dims; ``learned_vocab`` > 0 when the tokenizer was learned from the data."""
     return preset_dims(job.preset, job.model, n_persons, cfg.model.text_model, text_vocab=learned_vocab,
-                       sparse_threshold=cfg.model.sparse_threshold, sparse_guide=cfg.model.sparse_guide)
+                       sparse_threshold=cfg.model.sparse_threshold, sparse_guide=cfg.model.sparse_guide,
+                       sparse_dense_stages=cfg.model.sparse_dense_stages)
 
 
 def learning_rate_scale(cfg: Config, step: int, total_steps: int) -> float:

@@ -106,7 +106,7 @@ class _Low(nn.Module):
         self.model, self.modality = model, modality
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.low_maps(self.modality, x)  # (N, H/2*W/2, stem_channels), (N, H/2*W/2, A)
+        return self.model.low_maps(self.modality, x)  # (N, h*w, low_channels), (N, h*w, A)
 
 
 class _Sparse(nn.Module):
@@ -166,7 +166,7 @@ def export_split(model: nn.Module, folder: str | Path) -> dict[str, str]:
             continue
         _export(_Low(model, modality), (x,), {"x": {0: n}}, [name], list(LOW_OUTPUTS), folder / graphs[f"{modality}_low"])
         with torch.no_grad():
-            low = model.low_maps(modality, x)  # (3, h*w, stem_channels), (3, h*w, A)
+            low = model.low_maps(modality, x)  # (3, h*w, low_channels), (3, h*w, A)
         guide = (torch.randn(3, d.text_hidden, generator=g), torch.tensor([True, False, True]))
         _export(_Sparse(model, modality), (*low, *guide), {k: {0: n} for k in ("low", "keys", "text_cls", "text_present")},
                 [*LOW_OUTPUTS, "text_cls", "text_present"], [f"{modality}_feats"], folder / graphs[modality])
