@@ -86,8 +86,6 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
     """Export a random-weight model of ``preset`` to ``out`` (reused when already there). Its
     int8 graphs are calibrated on the bench stream's windows. ``sparse_guide``,
     ``sparse_dense_stages``: the sparse model's ``ModelDims`` fields (None: the preset's)."""
-    import dataclasses
-
     from engine.backends.feature_cache import split_format
     from engine.dims import preset_dims
     from engine.handover import HANDED_OVER
