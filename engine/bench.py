@@ -82,7 +82,8 @@ def make_tokenizer(path: Path) -> Path:
 
 def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS, int8: bool = True,
                   sparse_budget: tuple[float, ...] | None = None, seed: int = 0, corpus: Path | None = None,
-                  sparse_guide: str = "text", sparse_dense_stages: int | None = None) -> Path:
+                  sparse_guide: str = "text", sparse_dense_stages: int | None = None,
+                  sparse_budget_audio: tuple[float, ...] | None = None) -> Path:
     """Export a random-weight model of ``preset`` to ``out`` (reused when already there). Its
     int8 graphs are calibrated on the bench stream's windows. ``sparse_guide``,
     ``sparse_dense_stages``: the sparse model's ``ModelDims`` fields (None: the preset's)."""
@@ -109,7 +110,8 @@ def random_engine(preset: str, name: str, out: Path, n_persons: int = BENCH_PERS
     tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
     persons = [f"person{i}" for i in range(n_persons)]
     data = stream_int8_inputs(model, tokenizer, corpus) if int8 else None
-    return export_engine(model, persons, FeatureParams(), tokenizer, out, sparse_budget=sparse_budget, int8=int8,
+    return export_engine(model, persons, FeatureParams(), tokenizer, out, sparse_budget=sparse_budget,
+                         sparse_budget_audio=sparse_budget_audio, int8=int8,
                          source=f"random weights, preset {preset}", int8_data=data)
 
 
@@ -461,6 +463,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the targets are for 2)")
     parser.add_argument("--iters", type=int, default=0, help="timed calls per row (0: 40 at batch 1, 5 at 8 and more)")
     parser.add_argument("--sparse-budget", type=float, nargs="+", help="sparse export budget for --preset engines")
+    parser.add_argument("--sparse-budget-audio", type=float, nargs="+",
+                        help="the audio CNN's own sparse export budget for --preset engines")
     parser.add_argument("--sparse-guide", choices=["text", "learned"], default="text",
                         help="what queries the sparse stages of --preset engines (model.sparse_guide)")
     parser.add_argument("--sparse-dense-stages", type=int, default=None,
@@ -536,6 +540,8 @@ def run(args: argparse.Namespace, cfg) -> int:
         dense_stages = cfg.model.sparse_dense_stages if args.sparse_dense_stages is None else args.sparse_dense_stages
         for name in ("mme2e", "mme2e_sparse"):
             tag = "" if budget is None or name == "mme2e" else "-" + "-".join(map(str, budget))
+            if args.sparse_budget_audio and name == "mme2e_sparse":
+                tag += "-audio-" + "-".join(map(str, args.sparse_budget_audio))
             tag += "-learned" if args.sparse_guide == "learned" and name == "mme2e_sparse" else ""
             if dense_stages and name == "mme2e_sparse":
                 tag += f"-dense{dense_stages}"
@@ -545,7 +551,8 @@ def run(args: argparse.Namespace, cfg) -> int:
             else:
                 engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget,
                                              corpus=args.corpus, sparse_guide=args.sparse_guide,
-                                             sparse_dense_stages=dense_stages))
+                                             sparse_dense_stages=dense_stages,
+                                             sparse_budget_audio=tuple(args.sparse_budget_audio or ()) or None))
     batches = [int(b) for b in args.batches.split(",")]
     scopes = args.scopes.split(",")
     rows = []
@@ -580,7 +587,9 @@ def run(args: argparse.Namespace, cfg) -> int:
                     row = {"model": info["dims"]["name"], "backend": engine.backend_name, "device": engine.backend.device,
                            "scope": scope, "batch": batch, **figures,
                            "gflops_per_window": round(info["flops_per_window"]["gflops"], 2) if "flops_per_window" in info else None,
-                           "sparse_budget": info.get("sparse_budget"), "threads": args.threads, "engine": str(path)}
+                           "sparse_budget": info.get("sparse_budget"), "sparse_budget_audio": info.get("sparse_budget_audio"),
+                           "sparse_dense_stages": info.get("dims", {}).get("sparse_dense_stages", 0),
+                           "threads": args.threads, "engine": str(path)}
                     rows.append(row)
                     _emit(row, args.json)
         del opened
@@ -643,7 +652,8 @@ def _folder_info(path: Path) -> dict:
     from engine.checkpoint import load_meta
 
     dims = load_meta(path).dims
-    return {"dims": json.loads(dims.to_json()), "sparse_budget": list(dims.sparse_budget) or None, "run": True}
+    return {"dims": json.loads(dims.to_json()), "sparse_budget": list(dims.sparse_budget) or None,
+            "sparse_budget_audio": list(dims.sparse_budget_audio) or None, "run": True}
 
 
 def _params():
@@ -683,6 +693,16 @@ def machine() -> str:
     return f"{cpu}, {__import__('os').cpu_count()} cores, {gpu}, {load}"
 
 
+def budget_cell(row: dict) -> str:
+    """A row's sparse budget for the table: its dense stages, then the fractions per sparse
+    stage (visual / audio when the audio CNN has its own)."""
+    if not row.get("sparse_budget"):
+        return ""
+    dense = f"{row.get('sparse_dense_stages') or 0} dense; "
+    audio = row.get("sparse_budget_audio")
+    return dense + (f"{row['sparse_budget']} / {audio}" if audio else str(row["sparse_budget"]))
+
+
 def write_markdown(rows: list[dict], path: Path, table: list[str] = ()) -> None:
     """Replace the '## Engine' section of BENCHMARKS.md (other sections are kept); ``table``:
     ``comparisons(rows)``, written under the rows."""
@@ -709,12 +729,13 @@ def write_markdown(rows: list[dict], path: Path, table: list[str] = ()) -> None:
              "with dynamic int8 MatMul/Gemm. Every row starts with an empty cache (a source name of its own); the "
              "window steps of a backend's engines are interleaved (one step of each in turn), so that the host's "
              "speed falls on dense and sparse alike. Model scope = forward only.", "",
-             "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | sparse budget |",
+             "| model | backend | device | scope | batch | p50 ms | p95 ms | windows/s | peak MiB | GFLOPs/window | "
+             "sparse budget (dense stages; visual / audio) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['backend']} | {r.get('device', 'cpu')} | {r['scope']} | {r['batch']} | "
                      f"{r['p50_ms']} | {r['p95_ms']} | {r['windows_per_s']} | {r.get('peak_mib', '')} | "
-                     f"{r.get('gflops_per_window', '')} | {r.get('sparse_budget') or ''} |")
+                     f"{r.get('gflops_per_window', '')} | {budget_cell(r)} |")
     if table:
         lines += ["", *table]
     path.write_text(replace_section(path.read_text() if path.exists() else "# Benchmarks\n", "## Engine", lines))

@@ -65,7 +65,7 @@ class ModelConfig:
     text_model: str = ""
     sparse_threshold: float = 0.8
     sparse_guide: Literal["text", "learned"] = "text"
-    sparse_dense_stages: int = 0
+    sparse_dense_stages: int = 1
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class ModelDims:
     # sparse model
     sparse_threshold: float = 0.8  # st: attention mass kept by the CDF rule
     sparse_budget: tuple[float, ...] = ()  # fixed budget per sparse stage (fraction of positions); () = CDF rule
+    sparse_budget_audio: tuple[float, ...] = ()  # the audio CNN's own fixed budget; () = sparse_budget
     # mme2e_sparse: how many of the first stages run dense (every site, no attention),
     # as part of the guide-free low-level CNN; the sparse layers are the stages after
     # them. A stage whose attention keeps most of its sites costs more gathered than
@@ -89,6 +90,10 @@ class ModelDims:
             _check(len(self.sparse_budget) == self.n_sparse_stages,
                    f"sparse_budget has {len(self.sparse_budget)} entries, expected one per sparse stage ({self.n_sparse_stages})")
             _check(all(0.0 < b <= 1.0 for b in self.sparse_budget), "sparse_budget fractions must be in (0, 1]")
+        if self.sparse_budget_audio:
+            _check(bool(self.sparse_budget), "sparse_budget_audio needs sparse_budget (the visual CNN's)")
+            _check(len(self.sparse_budget_audio) == self.n_sparse_stages and all(0.0 < b <= 1.0 for b in self.sparse_budget_audio),
+                   f"sparse_budget_audio: expected {self.n_sparse_stages} fractions in (0, 1]")
 
     @property
     def n_pools(self) -> int:
@@ -127,7 +132,7 @@ class ModelDims:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown ModelDims keys {unknown}")
-        for key in ("stage_channels", "sparse_budget"):
+        for key in ("stage_channels", "sparse_budget", "sparse_budget_audio"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)

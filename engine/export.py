@@ -59,7 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="engine folder to write")
     parser.add_argument("--backend", choices=["onnx", "tensorrt"], default="onnx")
     parser.add_argument("--sparse-budget", type=float, nargs="+", metavar="F",
-                        help="sparse model: fraction of sites kept per stage (one value, or one per stage)")
+                        help="sparse model: fraction of sites kept per sparse stage (one value, or one per stage), "
+                             "both CNNs unless --sparse-budget-audio")
+    parser.add_argument("--sparse-budget-audio", type=float, nargs="+", metavar="F",
+                        help="sparse model: the audio CNN's own fractions (with --sparse-budget)")
     parser.add_argument("--data", type=Path, help="prepared dataset: the sparse budget is calibrated on its valid split; "
                         "with --int8 the int8 CNNs on its train split, their top-1 checked on its test split")
     parser.add_argument("--int8", action="store_true", help="also write int8 graphs (whole model: dynamic int8 "
@@ -71,12 +74,14 @@ def run(args: argparse.Namespace, cfg) -> int:
     from engine.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(args.run)
-    budget = None
+    budget = audio = None
     if meta.dims.name == "mme2e_sparse":
-        budget = resolve_budget(model, args.sparse_budget, args.data, args.run, cfg.engine.sparse_budget)
+        budget, audio = resolve_budget(model, args.sparse_budget, args.data, args.run, cfg.engine.sparse_budget,
+                                       args.sparse_budget_audio)
     int8_data = data_int8_inputs(args.run, args.data) if args.int8 and args.data is not None else None
     out = export_engine(model, meta.persons, meta.features, args.run / "tokenizer.json", args.out,
-                        backend=args.backend, sparse_budget=budget, int8=args.int8, max_batch=args.max_batch,
+                        backend=args.backend, sparse_budget=budget, sparse_budget_audio=audio, int8=args.int8,
+                        max_batch=args.max_batch,
                         fp16=cfg.engine.fp16, source=str(args.run), int8_data=int8_data)
     info = json.loads((out / ENGINE_FILE).read_text())
     if args.backend == "tensorrt" and not info["plan"]:
@@ -84,26 +89,41 @@ def run(args: argparse.Namespace, cfg) -> int:
               "TensorRT is absent here; run the export again where it is installed", file=sys.stderr)
         return 1
     print(json.dumps({"engine": str(out), "model": meta.dims.name, "sparse_budget": info["sparse_budget"],
+                      "sparse_budget_audio": info.get("sparse_budget_audio"),
                       "flops_per_window": info["flops_per_window"], "files": sorted(p.name for p in out.iterdir())}))
     return 0
 
 
-def resolve_budget(model, given: Sequence[float] | None, data: Path | None, run: Path, cfg_budget: float) -> tuple[float, ...]:
+def resolve_budget(model, given: Sequence[float] | None, data: Path | None, run: Path, cfg_budget: float,
+                   given_audio: Sequence[float] | None = None) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+    """The sparse export's fixed budget: (visual CNN's, or both CNNs', fractions per sparse stage;
+    the audio CNN's own or None), from --sparse-budget[-audio], else calibrated on --data, else
+    the run's dims, else [engine] sparse_budget."""
     n = model.dims.n_sparse_stages
+
+    def fractions(values: Sequence[float], flag: str) -> tuple[float, ...]:
+        if len(values) not in (1, n):
+            raise ValueError(f"{flag}: give 1 or {n} fractions, got {len(values)}")
+        return tuple(values) * (n if len(values) == 1 else 1)
+
     if given:
-        if len(given) not in (1, n):
-            raise ValueError(f"--sparse-budget: give 1 or {n} fractions, got {len(given)}")
-        return tuple(given) * (n if len(given) == 1 else 1)
+        return fractions(given, "--sparse-budget"), fractions(given_audio, "--sparse-budget-audio") if given_audio else None
+    if given_audio:
+        raise ValueError("--sparse-budget-audio needs --sparse-budget (the visual CNN's fractions)")
     if data is not None:
         return calibrate_budget(model, data, run)
     if model.dims.sparse_budget:
-        return tuple(model.dims.sparse_budget)
-    return (cfg_budget or DEFAULT_SPARSE_BUDGET,) * n
+        return tuple(model.dims.sparse_budget), tuple(model.dims.sparse_budget_audio) or None
+    return (cfg_budget or DEFAULT_SPARSE_BUDGET,) * n, None
 
 
-def calibrate_budget(model, data: Path, run: Path, limit: int = CALIBRATION_SAMPLES) -> tuple[float, ...]:
-    """The CDF rule's realised active fraction per stage on the valid split (max of audio and
-    visual, averaged over utterances): the fixed budget that keeps as many sites as the paper's rule."""
+def calibrate_budget(model, data: Path, run: Path, limit: int = CALIBRATION_SAMPLES
+                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The CDF rule's realised active fraction per sparse stage on the valid split, per modality
+    (averaged over the utterances that have it): the fixed budgets (visual, audio) that keep as
+    many sites as the paper's rule. Per modality, because a trained model's two CNNs can keep
+    very different shares (dense-first models: 4-5% of the visual sites, 9-17% of the audio
+    ones), and a CNN given more sites than it learned to use loses accuracy (BENCHMARKS.md)."""
     from engine.checkpoint import load_meta
     from engine.features import collate
     from training.dataset import PreparedDataset, read_split  # export-time only: serving never gets here
@@ -112,19 +132,20 @@ def calibrate_budget(model, data: Path, run: Path, limit: int = CALIBRATION_SAMP
     tokenizer = Tokenizer(run / "tokenizer.json", max_tokens=meta.features.max_tokens)
     ids = read_split(data, meta.extra.get("split", "dialog"), "valid")[:limit]
     ds = PreparedDataset(data, ids, tokenizer, meta.features, list(meta.persons))
-    saved = model.sparse_budget
+    saved = model.sparse_budget, model.sparse_budget_audio
     model.set_sparse_budget(None)
-    fractions = []
+    fractions: dict[str, list[torch.Tensor]] = {"visual": [], "audio": []}
     with torch.no_grad():
         for i in range(len(ds)):
             sample, _ = ds[i]
             model(*collate([sample]).model_inputs())
-            fractions.append(torch.stack([model.last_active_fractions[m] for m in ("audio", "visual")]).amax(0))
-    model.set_sparse_budget(saved)
-    if not fractions:
+            for modality, kept in model.last_active_fractions.items():  # the modalities this utterance has
+                fractions[modality].append(kept)
+    model.set_sparse_budget(*saved)
+    if not fractions["visual"] and not fractions["audio"]:
         raise ValueError(f"{data}: no valid-split utterances to calibrate the sparse budget on")
-    mean = torch.stack(fractions).mean(0).clamp(0.01, 1.0)
-    return tuple(round(float(f), 3) for f in mean)
+    mean = {m: tuple(round(float(f), 3) for f in torch.stack(v).mean(0).clamp(0.01, 1.0)) for m, v in fractions.items() if v}
+    return mean.get("visual", mean.get("audio")), mean.get("audio", mean.get("visual"))
 
 
 def data_batches(run: Path, data: Path, split: str, limit: int, batch: int = 8) -> tuple[list, list[int]]:
@@ -187,9 +208,12 @@ def versions() -> dict[str, str]:
 
 def export_engine(model: torch.nn.Module, persons: Sequence[str], features: FeatureParams, tokenizer_file: Path,
                   out: Path, backend: str = "onnx", sparse_budget: Sequence[float] | None = None, int8: bool = False,
-                  max_batch: int = 32, fp16: bool = True, source: str = "", int8_data: Int8Data | None = None) -> Path:
-    """Write an engine folder for ``model`` (eval mode; weights as given). ``int8_data``: what
-    the int8 graphs are calibrated and checked on (default: random windows)."""
+                  max_batch: int = 32, fp16: bool = True, source: str = "", int8_data: Int8Data | None = None,
+                  sparse_budget_audio: Sequence[float] | None = None) -> Path:
+    """Write an engine folder for ``model`` (eval mode; weights as given). Sparse model:
+    ``sparse_budget`` the fixed fractions per sparse stage (both CNNs, or the visual one when
+    ``sparse_budget_audio`` gives the audio one's). ``int8_data``: what the int8 graphs are
+    calibrated and checked on (default: random windows)."""
     from safetensors.torch import save_file
 
     from engine.backends.onnx_backend import export_onnx
@@ -201,8 +225,9 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
     dims: ModelDims = model.dims
     if dims.name == "mme2e_sparse":
         budget = tuple(sparse_budget or (DEFAULT_SPARSE_BUDGET,) * dims.n_sparse_stages)
-        model.set_sparse_budget(budget)
-        dims = dataclasses.replace(dims, sparse_budget=budget)
+        audio = tuple(sparse_budget_audio) if sparse_budget_audio and tuple(sparse_budget_audio) != budget else None
+        model.set_sparse_budget(budget, audio)
+        dims = dataclasses.replace(dims, sparse_budget=budget, sparse_budget_audio=audio or ())
     export_onnx(model, out / "model.onnx")
     # per-frame CNN graphs (sparse: low-level maps, then the sparse stages per guide) + text + head:
     # what overlapping windows share is computed once (engine/backends/feature_cache.py)
@@ -215,6 +240,7 @@ def export_engine(model: torch.nn.Module, persons: Sequence[str], features: Feat
         "format_version": ENGINE_FORMAT_VERSION, "backend": backend, "graph": "model.onnx", "int8_graph": None,
         "plan": None, "split_graphs": split, "split_format": split_format(dims.name) if split else None, "weights": "model.safetensors", "dims": json.loads(dims.to_json()), "persons": list(persons),
         "features": features.to_dict(), "sparse_budget": list(dims.sparse_budget) or None,
+        "sparse_budget_audio": list(dims.sparse_budget_audio) or None,
         "flops_per_window": flops_report(model), "versions": versions(), "source": source,
     }
     if int8:

@@ -293,6 +293,7 @@ class MME2ESparse(_MME2EBase):
         self.audio_cnn = SparseCNN(dims, 1)
         self.null_guide = nn.Parameter(torch.zeros(dims.text_hidden))  # query when the text is absent
         self.sparse_budget: tuple[float, ...] | None = tuple(dims.sparse_budget) or None
+        self.sparse_budget_audio: tuple[float, ...] | None = tuple(dims.sparse_budget_audio) or None  # None: sparse_budget
         self.last_active_fractions: dict[str, Tensor] = {}
         # Training only (set by training; eval neither drops nor shuffles): probability
         # per sample that its sparse attention is guided by null_guide instead of its
@@ -305,13 +306,23 @@ class MME2ESparse(_MME2EBase):
         self.last_active_fractions = {}  # filled by this forward's sparse CNNs
         return super().forward(faces, face_mask, audio, audio_mask, text, text_mask)
 
-    def set_sparse_budget(self, budget: Sequence[float] | None) -> None:
-        """None: CDF rule (the paper). A fraction per stage: fixed top-k sites per frame."""
-        if budget is not None:
-            budget = tuple(float(b) for b in budget)
-            if len(budget) != self.dims.n_sparse_stages or not all(0 < b <= 1 for b in budget):
-                raise ValueError(f"sparse budget {budget}: expected {self.dims.n_sparse_stages} fractions in (0, 1]")
-        self.sparse_budget = budget
+    def set_sparse_budget(self, budget: Sequence[float] | None, audio: Sequence[float] | None = None) -> None:
+        """None: CDF rule (the paper). A fraction per sparse stage: fixed top-k sites per frame,
+        for both CNNs, or for the visual one when ``audio`` gives the audio CNN's own."""
+        checked = []
+        for b in (budget, audio):
+            if b is not None:
+                b = tuple(float(x) for x in b)
+                if len(b) != self.dims.n_sparse_stages or not all(0 < x <= 1 for x in b):
+                    raise ValueError(f"sparse budget {b}: expected {self.dims.n_sparse_stages} fractions in (0, 1]")
+            checked.append(b)
+        if budget is None and audio is not None:
+            raise ValueError("an audio sparse budget needs the visual one")
+        self.sparse_budget, self.sparse_budget_audio = checked
+
+    def budget_of(self, modality: str) -> tuple[float, ...] | None:
+        """The fixed budget of one modality's CNN (None: the CDF rule)."""
+        return self.sparse_budget_audio if modality == "audio" and self.sparse_budget_audio else self.sparse_budget
 
     def stage_entropies(self) -> dict[str, list[float]]:
         """Normalised attention entropy of each sparse stage in the last training forward,
@@ -385,16 +396,17 @@ class MME2ESparse(_MME2EBase):
         h, w = self.dims.grids(modality)[self.dims.sparse_dense_stages]
         real = torch.ones_like(text_present, dtype=torch.bool)  # (N,) every row is a real frame
         guide = self.text_guide(text_cls, text_present)
-        if fixed_budget_eval(self, self.sparse_budget):
-            feats, _ = cnn.sparse_budget_eval(low, h, w, real, guide, self.sparse_budget, all_real=True, keys=keys)
+        budget = self.budget_of(modality)
+        if fixed_budget_eval(self, budget):
+            feats, _ = cnn.sparse_budget_eval(low, h, w, real, guide, budget, all_real=True, keys=keys)
         else:
             nchw = low.transpose(1, 2).reshape(low.shape[0], low.shape[2], h, w)  # (N, low_channels, h, w)
-            feats, _ = cnn.sparse(nchw, real, guide, self.dims.sparse_threshold, self.sparse_budget)
+            feats, _ = cnn.sparse(nchw, real, guide, self.dims.sparse_threshold, budget)
         return seq.proj(feats)  # (N, trans_dim)
 
     def frame_features(self, modality: str, x: Tensor, mask: Tensor, guide: Tensor) -> Tensor:
         cnn = self.audio_cnn if modality == "audio" else self.visual_cnn
-        feats, kept = cnn(x, mask, guide, self.dims.sparse_threshold, self.sparse_budget)
+        feats, kept = cnn(x, mask, guide, self.dims.sparse_threshold, self.budget_of(modality))
         if not (torch.compiler.is_compiling() or (feats.is_cuda and torch.cuda.is_current_stream_capturing())):
             positions = torch.tensor([h * w for h, w, _, _ in self.sparse_grids(modality)], device=kept.device)
             frames = mask.float().sum().clamp(min=1.0)

@@ -359,6 +359,6 @@ def _torch_backend(path: Path, info: dict, dims: ModelDims, threads: int, device
 
     model = build_model(dims)
     load_weights(model, path / info.get("weights", "model.safetensors"))
-    if info.get("sparse_budget") and hasattr(model, "set_sparse_budget"):
-        model.set_sparse_budget(info["sparse_budget"])  # serve exactly what was exported
+    if info.get("sparse_budget") and hasattr(model, "set_sparse_budget"):  # serve exactly what was exported
+        model.set_sparse_budget(info["sparse_budget"], info.get("sparse_budget_audio"))
     return TorchBackend(model, device=device, compile=compile, threads=threads, cuda_graphs=cuda_graphs, half=half)

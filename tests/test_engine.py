@@ -33,6 +33,7 @@ from engine.runtime import Engine, Identification
 
 N_PERSONS = 4
 BUDGET = (0.5, 0.5, 0.5)
+AUDIO_BUDGET = (0.25, 0.75)  # the dense-first engine's audio CNN's own budget
 TOL = 1e-4
 REPO = Path(__file__).resolve().parent.parent
 # (batch, frames, chunks, tokens): none of them is the export example (2, 3, 4, 5)
@@ -84,8 +85,10 @@ def engines(tmp_path_factory, tokenizer_file) -> dict[str, tuple[torch.nn.Module
     for seed, name in enumerate(("mme2e", "mme2e_sparse", DENSE_FIRST)):
         model = _model(name, seed)
         folder = tmp_path_factory.mktemp(name.replace("+", "-"))
+        dense_stages = model.dims.sparse_dense_stages  # DENSE_FIRST: the audio CNN with a budget of its own too
         export_engine(model, [f"p{i}" for i in range(N_PERSONS)], FeatureParams(), tokenizer_file, folder,
-                      sparse_budget=BUDGET[model.dims.sparse_dense_stages:], int8=True)
+                      sparse_budget=BUDGET[dense_stages:], sparse_budget_audio=AUDIO_BUDGET if dense_stages else None,
+                      int8=True)
         out[name] = (model, folder)  # the sparse model is left in the exported fixed-budget mode
     return out
 
@@ -542,6 +545,8 @@ def test_sparse_export_executes_fewer_flops(engines, name):
     model, folder = engines[name]
     info = json.loads((folder / "engine.json").read_text())
     assert info["sparse_budget"] == list(BUDGET[model.dims.sparse_dense_stages:])
+    assert info["sparse_budget_audio"] == (list(AUDIO_BUDGET) if name == DENSE_FIRST else None)
+    assert model.budget_of("audio") == (AUDIO_BUDGET if name == DENSE_FIRST else BUDGET)
     assert info["dims"]["sparse_dense_stages"] == model.dims.sparse_dense_stages
     flops = info["flops_per_window"]
     assert flops["gflops"] < 0.9 * flops["dense_gflops"]

@@ -165,9 +165,16 @@ def test_fixed_budget_mode_has_static_site_counts():
         limits = [budget_count(b, h * w) / (h * w) for b, (h, w, _, _) in zip(budget, grids)]
         assert fractions[0].item() == pytest.approx(limits[0])  # stage 0: every position is a candidate
         assert (fractions <= torch.tensor(limits) + 1e-6).all()
+    model.set_sparse_budget(budget, audio=(0.6, 0.5, 0.5))  # the audio CNN's own budget
+    model(*make_batch([(3, 4, 6), (2, 2, 3)]))
+    for modality, first in (("visual", budget[0]), ("audio", 0.6)):
+        h, w, _, _ = model.sparse_grids(modality)[0]
+        assert model.last_active_fractions[modality][0].item() == pytest.approx(budget_count(first, h * w) / (h * w))
     model.set_sparse_budget(None)  # back to the CDF rule
     model(*make_batch([(3, 4, 6)]))
     assert set(model.last_active_fractions) == {"audio", "visual"}
+    with pytest.raises(ValueError, match="visual"):
+        model.set_sparse_budget(None, audio=(0.6, 0.5, 0.5))
 
 
 def test_dense_first_stage_is_the_sparse_stage_that_keeps_every_site():

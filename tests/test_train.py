@@ -248,6 +248,36 @@ def test_int8_export_keeps_the_top_person_on_every_test_utterance(tiny_runs, pre
     assert Engine.load(out, "onnx", int8=True, feature_cache=64).backend_name == "onnx-cached-int8"
 
 
+def test_sparse_export_calibrates_a_budget_per_modality(tiny_runs, prepared_tiny, tmp_path):
+    """`mmid export --data` on a sparse run: each CNN's fixed budget is the mean fraction of
+    sites the CDF rule keeps in that CNN's sparse stages on the valid split (the visual one
+    as sparse_budget, the audio one as sparse_budget_audio when they differ), and the engine
+    serves with both."""
+    from engine.runtime import Engine
+
+    run = tiny_runs["mme2e_sparse"]
+    out = tmp_path / "engine"
+    assert mmid(["export", "--run", str(run), "--out", str(out), "--data", str(prepared_tiny)]) == 0
+    info = json.loads((out / "engine.json").read_text())
+    model, meta = load_checkpoint(run)
+    model.eval()
+    tokenizer = Tokenizer(run / "tokenizer.json", max_tokens=meta.features.max_tokens)
+    ids = read_split(prepared_tiny, "dialog", "valid")
+    ds = PreparedDataset(prepared_tiny, ids, tokenizer, meta.features, list(meta.persons))
+    kept = {"visual": [], "audio": []}
+    with torch.no_grad():
+        for i in range(len(ds)):
+            model(*collate([ds[i][0]]).model_inputs())
+            for modality, fractions in model.last_active_fractions.items():
+                kept[modality].append(fractions.numpy())
+    want = {m: [round(float(f), 3) for f in np.clip(np.mean(v, axis=0), 0.01, 1.0)] for m, v in kept.items()}
+    assert info["sparse_budget"] == want["visual"]
+    assert (info["sparse_budget_audio"] or info["sparse_budget"]) == want["audio"]
+    assert info["dims"]["sparse_budget"] == want["visual"]
+    engine = Engine.load(out, "torch")
+    assert engine.backend.model.budget_of("audio") == tuple(want["audio"])
+
+
 def test_time_limit_stops_after_the_epoch_that_reaches_it(prepared_tiny, tmp_path):
     out = tmp_path / "timed"
     assert mmid(["train", "--data", str(prepared_tiny), "--model", "mme2e", "--preset", "tiny", "--out", str(out),
