@@ -138,7 +138,7 @@ def stream_int8_inputs(model, tokenizer: Path, corpus: Path | None, windows: int
 
 def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS,
                sparse_budget: tuple[float, ...] | None = None, seed: int = 0, sparse_guide: str = "text",
-               sparse_dense_stages: int | None = None) -> Path:
+               sparse_dense_stages: int | None = None, sparse_budget_audio: tuple[float, ...] | None = None) -> Path:
     """A random-weight run folder of ``preset`` (weights + model.json + tokenizer): what the
     torch backends load, without the ONNX export (reused when already there)."""
     import dataclasses
@@ -152,7 +152,8 @@ def random_run(preset: str, name: str, out: Path, n_persons: int = BENCH_PERSONS
         return out
     dims = sparse_fields(preset_dims(preset, name, n_persons), sparse_guide, sparse_dense_stages)
     if name == "mme2e_sparse":
-        dims = dataclasses.replace(dims, sparse_budget=tuple(sparse_budget or (DEFAULT_RUN_FRACTION,) * dims.n_sparse_stages))
+        dims = dataclasses.replace(dims, sparse_budget=tuple(sparse_budget or (DEFAULT_RUN_FRACTION,) * dims.n_sparse_stages),
+                                   sparse_budget_audio=tuple(sparse_budget_audio or ()))
     torch.manual_seed(seed)
     model = build_model(dims).eval()
     tokenizer = make_tokenizer(out / "source" / "tokenizer.json")
@@ -547,7 +548,8 @@ def run(args: argparse.Namespace, cfg) -> int:
                 tag += f"-dense{dense_stages}"
             if torch_only:
                 engines.append(random_run(preset, name, args.cache_dir / f"{preset}-{name}{tag}-run", sparse_budget=budget,
-                                          sparse_guide=args.sparse_guide, sparse_dense_stages=dense_stages))
+                                          sparse_guide=args.sparse_guide, sparse_dense_stages=dense_stages,
+                                          sparse_budget_audio=tuple(args.sparse_budget_audio or ()) or None))
             else:
                 engines.append(random_engine(preset, name, args.cache_dir / f"{preset}-{name}{tag}", sparse_budget=budget,
                                              corpus=args.corpus, sparse_guide=args.sparse_guide,

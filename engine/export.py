@@ -186,7 +186,7 @@ def flops_report(model: torch.nn.Module) -> dict[str, float]:
 
     report = {"window": REFERENCE_WINDOW, "gflops": count_window_flops(model) / 1e9}
     if model.dims.name == "mme2e_sparse":
-        dense = build_model(dataclasses.replace(model.dims, name="mme2e", sparse_budget=())).eval()
+        dense = build_model(dataclasses.replace(model.dims, name="mme2e", sparse_budget=(), sparse_budget_audio=())).eval()
         report["dense_gflops"] = count_window_flops(dense) / 1e9
     return report
 
