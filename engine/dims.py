@@ -109,6 +109,11 @@ class ModelDims:
         """Channels of mme2e_sparse's low-level map (the input of its first sparse stage)."""
         return self.stage_channels[self.sparse_dense_stages - 1] if self.sparse_dense_stages else self.stem_channels
 
+    def sparse_stage_channels(self) -> list[tuple[int, int]]:
+        """(Cin, Cout) of each sparse stage of mme2e_sparse, in order."""
+        outs = self.stage_channels[self.sparse_dense_stages:]
+        return list(zip((self.low_channels,) + outs[:-1], outs))
+
     def grids(self, modality: str) -> list[tuple[int, int]]:
         """Spatial size (H, W) at the input of each stage, then after the last one."""
         h, w = {"visual": (self.face_size, self.face_size), "audio": (self.n_mels, self.chunk_frames)}[modality]

@@ -3,12 +3,13 @@
 Quantised, a low-level graph (``visual_low.int8.onnx``, ``audio_low.int8.onnx``) ends
 its map output with a ``DequantizeLinear``: uint8 values on a grid (scale s, zero point
 z) turned into float32 (its other output, the first sparse stage's attention keys, is
-computed in fp32: ``engine.quantize.key_projection``). The sparse-stage graph then gathers the kept sites' rows of the map in float32
-and quantises them again, and the cached backend keeps the float32 maps between windows
-(paper sizes: 2 x 144 KB a face, 2 x 256 KB an audio chunk).
+computed in fp32: ``engine.quantize.key_projection``). The sparse-stage graph then
+gathers the kept sites' rows of the map in float32 and quantises them again, and the
+cached backend keeps the float32 maps between windows (paper sizes: 144 KB a face and
+256 KB an audio chunk all-sparse, 72 and 128 KB with a dense first stage).
 
 ``hand_over_uint8`` moves the dequantisation across the boundary: the low-level graph
-returns the uint8 tensors themselves, and the sparse-stage graph takes them with the
+returns the uint8 map itself, and the sparse-stage graph takes it with the
 same (s, z), so each float value it sees is the one the low-level graph would have
 returned. Where the stage graph only reshapes and gathers a map before quantising it
 again (the map's rows for the first stage), those run on the uint8 values, and the

@@ -216,12 +216,9 @@ class SparseCNN(nn.Module):
 
     def __init__(self, dims: ModelDims, in_channels: int):
         super().__init__()
-        n_dense = dims.sparse_dense_stages
-        self.low = nn.Sequential(*low_level_cnn(dims, in_channels), *dense_stages(dims, n_dense))
-        cins = ((dims.stem_channels,) + dims.stage_channels[:-1])[n_dense:]
+        self.low = nn.Sequential(*low_level_cnn(dims, in_channels), *dense_stages(dims, dims.sparse_dense_stages))
         self.stages = nn.ModuleList(
-            SparseStage(cin, cout, dims.convs_per_stage, dims.text_hidden)
-            for cin, cout in zip(cins, dims.stage_channels[n_dense:])
+            SparseStage(cin, cout, dims.convs_per_stage, dims.text_hidden) for cin, cout in dims.sparse_stage_channels()
         )
 
     def forward(self, x: Tensor, mask: Tensor, guide: Tensor, threshold: float,
@@ -355,10 +352,8 @@ class MME2ESparse(_MME2EBase):
 
     def sparse_grids(self, modality: str) -> list[tuple[int, int, int, int]]:
         """(H, W, Cin, Cout) of each sparse stage's input grid (for FLOPs counting)."""
-        n_dense = self.dims.sparse_dense_stages
-        cins = ((self.dims.stem_channels,) + self.dims.stage_channels[:-1])[n_dense:]
-        grids = self.dims.grids(modality)[n_dense:-1]
-        return [(h, w, cin, cout) for (h, w), cin, cout in zip(grids, cins, self.dims.stage_channels[n_dense:])]
+        grids = self.dims.grids(modality)[self.dims.sparse_dense_stages:-1]
+        return [(h, w, cin, cout) for (h, w), (cin, cout) in zip(grids, self.dims.sparse_stage_channels())]
 
     def text_guide(self, text_cls: Tensor, text_present: Tensor) -> Tensor:
         """text_cls (B, Ht), text_present (B,) -> guide (B, Ht): the transcript's CLS, or

@@ -68,8 +68,9 @@ SPLIT_GRAPHS = {"visual": "visual_cnn.onnx", "audio": "audio_cnn.onnx", "text": 
 # the sparse model: low-level maps per frame/chunk, then the sparse stages per (frame/chunk, guide)
 SPARSE_SPLIT_GRAPHS = {"visual_low": "visual_low.onnx", "audio_low": "audio_low.onnx", "visual": "visual_sparse.onnx",
                        "audio": "audio_sparse.onnx", "text": "text.onnx", "head": "head.onnx"}
-# low-level maps and keys kept per modality (paper sizes in float32: 2 x 144 KB per face, 2 x 256 KB per audio
-# chunk; a quarter of that as the int8 graphs hand them over, in uint8: engine/handover.py);
+# low-level maps and keys kept per modality (paper sizes in float32, map and keys alike: 144 KB each per face,
+# 256 KB each per audio chunk all-sparse, 72 and 128 KB with a dense first stage; the int8 graphs hand the
+# map over in uint8, a quarter of that: engine/handover.py);
 # overlapping windows of a stream reuse a map for about 3 s (~2.5 chunks and 2 frames per s); kept as
 # views of the low-level graph's outputs (BlockCache), which can hold up to 4x the rows' own memory
 LOW_MAP_ROWS = 128
